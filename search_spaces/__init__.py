@@ -1,0 +1,1 @@
+"""Named, reusable search spaces for studies."""

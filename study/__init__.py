@@ -1,0 +1,1 @@
+"""Study launch, Ray Tune + Optuna wiring, reports."""
