@@ -1,0 +1,130 @@
+"""python -m data_prep {convert,info,split,list}: raw datasets -> Parquet, and MNAR splits."""
+
+import argparse
+import sys
+import time
+
+from data_prep.errors import DataPrepError
+from data_prep.parquet import default_data_root, open_dataset, write_dataset
+from data_prep.readers import DATASETS, get_reader
+from data_prep.splits import KINDS, SplitSpec, describe_counts, imbalance, load_split, make_split, save_split
+
+
+def convert(dataset, source=None, data_root=None, *, overwrite=False, **options):
+    """Read a raw dataset and write it as Parquet. Returns (DatasetInfo, images per second)."""
+    reader = get_reader(dataset)
+    start = time.perf_counter()
+    raw = reader.read(source=source, **options) if reader.needs_source else reader.read(**options)
+    info = write_dataset(raw, data_root, overwrite=overwrite)
+    images = sum(s["count"] for s in info.meta["splits"].values())
+    return info, images / (time.perf_counter() - start)
+
+
+def prepare(dataset, data_root=None):
+    """Convert a dataset that needs no source if it is not there yet; returns its DatasetInfo."""
+    try:
+        return open_dataset(dataset, data_root)
+    except DataPrepError:
+        if get_reader(dataset).needs_source:
+            raise
+        info, _ = convert(dataset, data_root=data_root)
+        return info
+
+
+def _cmd_convert(args):
+    options = {k: v for k, v in (("image_size", args.image_size), ("seed", args.seed),
+                                 ("test_fraction", args.test_fraction)) if v is not None}
+    info, rate = convert(args.dataset, args.source, args.data_root, overwrite=args.overwrite, **options)
+    counts = ", ".join(f"{s}: {v['count']}" for s, v in info.meta["splits"].items())
+    print(f"wrote {info.path} ({counts}; {rate:.0f} images/s)")
+
+
+def _cmd_info(args):
+    info = open_dataset(args.dataset, args.data_root)
+    meta = info.meta
+    print(f"{meta['name']}: {meta['num_classes']} classes, images {'x'.join(map(str, meta['image_shape']))}, "
+          f"checksum {meta['checksum'][:12]}")
+    width = max(len(c) for c in meta["classes"])
+    splits = meta["splits"]
+    print(f"{'class':>{width}} " + " ".join(f"{s:>9}" for s in splits))
+    for c, name in enumerate(meta["classes"]):
+        print(f"{name:>{width}} " + " ".join(f"{v['class_counts'].get(str(c), 0):>9}" for v in splits.values()))
+    print(f"{'total':>{width}} " + " ".join(f"{v['count']:>9}" for v in splits.values()))
+    for path in sorted((info.path / "splits").glob("*.json")):
+        split = load_split(info, path.stem, create=False)
+        print(f"split {split.name}: {len(split.labeled_indices)} labeled "
+              f"[{describe_counts(split.labeled_counts)}], {len(split.unlabeled_indices)} unlabeled")
+
+
+def _cmd_split(args):
+    info = open_dataset(args.dataset, args.data_root)
+    spec = SplitSpec(args.kind, args.seed, n_max=args.n_max, size=args.size, gamma_l=args.gamma_l,
+                     gamma_u=args.gamma_u, allow_repeat=args.allow_repeat)
+    split = make_split(info, spec, name=args.name)
+    path = save_split(info, split)
+    print(f"wrote {path}")
+    print(f"labeled   {len(split.labeled_indices):>7} per class [{describe_counts(split.labeled_counts)}] "
+          f"imbalance {imbalance(split.labeled_counts):.1f}")
+    print(f"unlabeled {len(split.unlabeled_indices):>7} per class [{describe_counts(split.unlabeled_counts)}]"
+          + (f" + {split.unlabeled_without_label} without labels" if split.unlabeled_without_label else ""))
+
+
+def _cmd_list(args):
+    root = args.data_root or default_data_root()
+    for name, reader in sorted(DATASETS.items()):
+        try:
+            state = f"converted at {open_dataset(name, root).path}"
+        except DataPrepError:
+            state = "not converted"
+        print(f"{name:<13} {state:<40} source: {reader.source_hint}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--data-root", help="where datasets live (default: $ML_DATA or ./data)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("convert", _cmd_convert, "convert a raw dataset to Parquet")
+    p.add_argument("dataset", help=f"one of: {', '.join(sorted(DATASETS))}")
+    p.add_argument("--source", help="the raw file or folder (not needed for digits, mnist5k)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
+    p.add_argument("--image-size", type=int, help="side to resize to (imagefolder, miniimagenet trees)")
+    p.add_argument("--seed", type=int, help="seed of the train/test split where the source has none")
+    p.add_argument("--test-fraction", type=float, help="test share where the source has no test set")
+
+    p = command("info", _cmd_info, "per-class counts of every split")
+    p.add_argument("dataset")
+
+    p = command("split", _cmd_split, "cut an MNAR split")
+    p.add_argument("dataset")
+    p.add_argument("--kind", choices=KINDS, default="lt")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--n-max", type=int, help="lt/rand: labeled rows of the largest class")
+    p.add_argument("--size", type=int, help="mcar: total labeled rows")
+    p.add_argument("--gamma-l", type=float, help="lt: labeled imbalance ratio (>= 1)")
+    p.add_argument("--gamma-u", type=float, help="lt: unlabeled imbalance ratio (< 1 inverts the tail)")
+    p.add_argument("--allow-repeat", action="store_true", help="let classes repeat rows when short")
+    p.add_argument("--name", help="split name (default: original-style name, e.g. cifar10_LT_50.1@50)")
+
+    command("list", _cmd_list, "known datasets and whether they are converted")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataPrepError as exc:
+        # One line, even when the message quotes a library's multi-line error (tarfile's "r:*").
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

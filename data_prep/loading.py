@@ -1,0 +1,123 @@
+"""Loading a dataset and a split for training (DESIGN.md 3.3).
+
+Two paths, same rows:
+  load_arrays   in-process: decoded uint8 NHWC numpy arrays, decoded once per process and cached.
+  ray_datasets  Ray Data: `read_parquet`, rows selected by the split, PNGs decoded in vectorised
+                `map_batches`; ready for `ray.train.get_dataset_shard`.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+
+from data_prep.parquet import DatasetInfo, decode_pngs, open_dataset, read_split, verify_dataset
+from data_prep.splits import Split, load_split
+
+
+def resolve(dataset, split, data_root=None, *, verify=True) -> tuple[DatasetInfo, Split]:
+    """Open a converted dataset and one of its splits (created if `split` is an alias).
+
+    With `verify`, every Parquet part is checked (readable footer, checksum unchanged)."""
+    info = open_dataset(dataset, data_root)
+    if verify:
+        verify_dataset(info)
+    return info, load_split(info, split)
+
+
+@dataclass
+class SSLArrays:
+    """A split's data in memory: images uint8 (N, H, W, C), labels int64."""
+
+    labeled_images: np.ndarray
+    labeled_labels: np.ndarray
+    unlabeled_images: np.ndarray
+    unlabeled_labels: np.ndarray  # true labels for diagnostics only; -1 where a row has none
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.test_images.shape[1:]
+
+
+@lru_cache(maxsize=4)
+def _decoded(path, checksum, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index, images, labels) of the given splits, decoded once per process."""
+    info = open_dataset(path.name, path.parent)
+    table = pa.concat_tables([read_split(info, s) for s in splits])
+    images = decode_pngs(table["image"].combine_chunks().field("bytes").to_pylist(), info.image_shape)
+    return np.array(table["index"]), images, np.array(table["label"])
+
+
+def _rows(indices, wanted) -> np.ndarray:
+    """Positions of `wanted` index values in `indices` (repeats kept)."""
+    position = np.full(int(indices.max()) + 1, -1, np.int64)
+    position[indices] = np.arange(len(indices))
+    return position[wanted]
+
+
+def load_arrays(dataset, split, data_root=None, *, verify=True) -> SSLArrays:
+    """The labeled, unlabeled and test rows of a split as decoded uint8 arrays."""
+    info, split = resolve(dataset, split, data_root, verify=verify)
+    pool_index, pool_images, pool_labels = _decoded(info.path, info.checksum, tuple(info.pool_splits()))
+    _, test_images, test_labels = _decoded(info.path, info.checksum, ("test",))
+    labeled = _rows(pool_index, split.labeled_indices)
+    unlabeled = _rows(pool_index, split.unlabeled_indices)
+    return SSLArrays(
+        pool_images[labeled], pool_labels[labeled],
+        pool_images[unlabeled], pool_labels[unlabeled],
+        test_images, test_labels, list(info.meta["classes"]),
+    )
+
+
+class _SelectRows:
+    """map_batches: keep the rows of a split, each as often as the split lists it."""
+
+    def __init__(self, indices, size):
+        self.multiplicity = np.bincount(indices, minlength=size).astype(np.int64)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        index = batch["index"].to_numpy()
+        keep = np.repeat(np.arange(len(index)), self.multiplicity[index])
+        return batch.take(pa.array(keep, pa.int64()))
+
+
+class _DecodeImages:
+    """map_batches: PNG bytes -> uint8 (n, H, W, C) tensor column."""
+
+    def __init__(self, image_shape):
+        self.image_shape = tuple(image_shape)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        blobs = batch["image"].combine_chunks().field("bytes").to_pylist() if len(batch) else []
+        return {
+            "index": batch["index"].to_numpy(),
+            "image": decode_pngs(blobs, self.image_shape),
+            "label": batch["label"].to_numpy(),
+        }
+
+
+def ray_datasets(dataset, split, data_root=None, *, verify=True) -> dict:
+    """Ray Data datasets {"labeled", "unlabeled", "test"} with columns index, image (uint8 H x W x C),
+    label. Reading is lazy; each is ready to pass to a TorchTrainer's `datasets=`."""
+    import ray.data
+
+    info, split = resolve(dataset, split, data_root, verify=verify)
+    pool_files = [str(f) for s in info.pool_splits() for f in info.files(s)]
+    pool_size = sum(info.split_counts(s)["count"] for s in info.pool_splits())
+    decode = _DecodeImages(info.image_shape)
+
+    def select(indices):
+        rows = ray.data.read_parquet(pool_files).map_batches(
+            _SelectRows(indices, pool_size), batch_format="pyarrow")
+        return rows.map_batches(decode, batch_format="pyarrow")
+
+    test = ray.data.read_parquet([str(f) for f in info.files("test")]).map_batches(decode, batch_format="pyarrow")
+    return {"labeled": select(split.labeled_indices), "unlabeled": select(split.unlabeled_indices), "test": test}

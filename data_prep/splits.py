@@ -1,0 +1,302 @@
+"""MNAR splits: which training rows are labeled, which are unlabeled (DESIGN.md 3.2).
+
+Kinds:
+  mcar  N labeled rows following the training set's own class distribution.
+  lt    class c gets ceil(n_max * gamma_l ** (-c / (C - 1))) labeled rows (long-tailed labels).
+        The unlabeled pool is the whole training set, or with gamma_u a long-tailed subset of it
+        (gamma_u < 1 inverts the tail).
+  rand  per-class labeling rates drawn from the seed, normalised to a maximum of 1;
+        class c gets ceil(n_max * rate_c) labeled rows.
+
+Labeled rows are ordered as in the original create_split.py: each next row comes from the class
+furthest behind its target share, so any prefix of the list follows the target distribution.
+Names in the original style are accepted: `cifar10_LT_50.1@50-1` is cifar10, kind lt,
+gamma_l 50, seed 1, n_max 50 (the trailing -1, a validation size, is ignored).
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import DataPrepError
+from data_prep.parquet import DatasetInfo, current_umask, read_split
+
+SPLIT_FORMAT_VERSION = 1
+KINDS = ("mcar", "lt", "rand")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    kind: str
+    seed: int
+    n_max: int | None = None  # lt, rand: labeled rows of the largest class
+    size: int | None = None  # mcar: total labeled rows
+    gamma_l: float | None = None  # lt: labeled imbalance ratio (>= 1)
+    gamma_u: float | None = None  # lt: unlabeled imbalance ratio (< 1 inverts the tail)
+    allow_repeat: bool = False  # let a class repeat rows when asked for more than it has
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise DataPrepError(f"unknown split kind '{self.kind}' (known: {', '.join(KINDS)})")
+        if self.kind == "mcar" and (self.size is None or self.size < 1):
+            raise DataPrepError("an mcar split needs size >= 1")
+        if self.kind in ("lt", "rand") and (self.n_max is None or self.n_max < 1):
+            raise DataPrepError(f"an {self.kind} split needs n_max >= 1")
+        if self.kind == "lt" and (self.gamma_l is None or not self.gamma_l >= 1):
+            raise DataPrepError(f"gamma_l must be >= 1 (got {self.gamma_l})")
+        if self.gamma_u is not None and (self.kind != "lt" or not self.gamma_u > 0):
+            raise DataPrepError("gamma_u must be > 0 and is only for lt splits")
+
+    def default_name(self, dataset) -> str:
+        if self.kind == "mcar":
+            return f"{dataset}.{self.seed}@{self.size}"
+        if self.kind == "rand":
+            return f"{dataset}_rand.{self.seed}@{self.n_max}"
+        unlabeled = f"_u{self.gamma_u:g}" if self.gamma_u is not None else ""
+        return f"{dataset}_LT_{self.gamma_l:g}{unlabeled}.{self.seed}@{self.n_max}"
+
+
+_ALIAS = re.compile(
+    r"^(?P<dataset>[A-Za-z0-9]+?)"
+    r"(?:_(?P<rand>rand)|_LT_(?P<gamma_l>\d+(?:\.\d+)?)(?:_u(?P<gamma_u>\d+(?:\.\d+)?))?)?"
+    r"\.(?P<seed>\d+)@(?P<size>\d+)(?:-\d+)?$"
+)
+
+
+def parse_split_name(name) -> tuple[str, SplitSpec] | None:
+    """`cifar10_LT_50.1@50-1` -> ("cifar10", SplitSpec(lt, seed 1, n_max 50, gamma_l 50)); None if
+    the name is not in the original style. Dataset names are matched case-insensitively."""
+    match = _ALIAS.match(name)
+    if match is None:
+        return None
+    dataset, seed, size = match["dataset"].lower(), int(match["seed"]), int(match["size"])
+    if match["rand"]:
+        return dataset, SplitSpec("rand", seed, n_max=size)
+    if match["gamma_l"]:
+        gamma_u = float(match["gamma_u"]) if match["gamma_u"] else None
+        return dataset, SplitSpec("lt", seed, n_max=size, gamma_l=float(match["gamma_l"]), gamma_u=gamma_u)
+    return dataset, SplitSpec("mcar", seed, size=size)
+
+
+# --- per-class counts -------------------------------------------------------------------------
+
+
+def _ceil(x):
+    # Round away float noise first: 50 * 50 ** -1 is 1.0000000000000002, and must count as 1.
+    return np.ceil(np.round(x, 9)).astype(np.int64)
+
+
+def long_tail_counts(n_max, gamma, num_classes) -> np.ndarray:
+    """ceil(n_max * gamma ** (-c / (C - 1))) for c = 0..C-1."""
+    c = np.arange(num_classes)
+    exponent = -c / (num_classes - 1) if num_classes > 1 else np.zeros(num_classes)
+    return _ceil(n_max * np.power(float(gamma), exponent))
+
+
+def random_rate_counts(n_max, num_classes, rng) -> np.ndarray:
+    rates = rng.uniform(size=num_classes)
+    return _ceil(n_max * rates / rates.max())
+
+
+def interleaved_order(class_rows, targets, total) -> np.ndarray:
+    """Draw `total` rows class by class: each draw takes the next row of the class furthest
+    behind its target share (targets / max(targets)), as the original create_split.py did.
+    A class is exhausted when its rows in `class_rows` run out."""
+    targets = np.asarray(targets, np.float64)
+    share = targets / targets.max()
+    available = np.array([len(rows) for rows in class_rows])
+    taken = np.zeros(len(class_rows), np.int64)
+    order = np.empty(total, np.int64)
+    for k in range(total):
+        behind = np.where(taken < available, share - taken / max(taken.max(), 1), -np.inf)
+        c = int(np.argmax(behind))
+        order[k] = class_rows[c][taken[c]]
+        taken[c] += 1
+    return order
+
+
+# --- split construction ----------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    name: str
+    dataset: str
+    spec: SplitSpec
+    labeled_indices: np.ndarray
+    unlabeled_indices: np.ndarray
+    labeled_counts: list[int]
+    unlabeled_counts: list[int]
+    unlabeled_without_label: int  # rows of the pool that have no label at all (STL-10)
+    dataset_checksum: str
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": SPLIT_FORMAT_VERSION,
+            "name": self.name,
+            "dataset": self.dataset,
+            **asdict(self.spec),
+            "labeled_counts": self.labeled_counts,
+            "unlabeled_counts": self.unlabeled_counts,
+            "unlabeled_without_label": self.unlabeled_without_label,
+            "dataset_checksum": self.dataset_checksum,
+            "labeled_indices": self.labeled_indices.tolist(),
+            "unlabeled_indices": self.unlabeled_indices.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data) -> "Split":
+        spec = SplitSpec(**{k: data[k] for k in SplitSpec.__dataclass_fields__})
+        return cls(
+            data["name"], data["dataset"], spec,
+            np.asarray(data["labeled_indices"], np.int64), np.asarray(data["unlabeled_indices"], np.int64),
+            data["labeled_counts"], data["unlabeled_counts"], data["unlabeled_without_label"],
+            data["dataset_checksum"],
+        )
+
+
+def _pool_labels(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(index, label) of every training-pool row, without decoding images."""
+    tables = [read_split(info, split).select(["index", "label"]) for split in info.pool_splits()]
+    indices = np.concatenate([t["index"].to_numpy() for t in tables])
+    labels = np.concatenate([t["label"].to_numpy() for t in tables])
+    return indices, labels
+
+
+def make_split(info: DatasetInfo, spec: SplitSpec, name=None) -> Split:
+    """Cut a split from a converted dataset, reproducibly from spec.seed."""
+    num_classes = info.num_classes
+    indices, labels = _pool_labels(info)
+    rng = np.random.default_rng(spec.seed)
+    class_rows = [rng.permutation(indices[labels == c]) for c in range(num_classes)]
+    available = np.array([len(rows) for rows in class_rows])
+
+    if spec.kind == "mcar":
+        targets, total = available, spec.size
+        if total > available.sum() and not spec.allow_repeat:
+            raise DataPrepError(f"mcar size {total} exceeds the {available.sum()} labeled training rows")
+    else:
+        if spec.kind == "lt":
+            targets = long_tail_counts(spec.n_max, spec.gamma_l, num_classes)
+        else:
+            targets = random_rate_counts(spec.n_max, num_classes, rng)
+        total = int(targets.sum())
+        short = np.flatnonzero(targets > available)
+        if len(short) and not spec.allow_repeat:
+            c = int(short[0])
+            raise DataPrepError(
+                f"class {c} needs {targets[c]} labeled rows but {info.name} has only {available[c]} "
+                "(lower n_max, or allow repeats)"
+            )
+    if spec.allow_repeat:
+        # Repeat each class's permutation as often as needed; only when the user asked for it.
+        reps = int(np.ceil(max(targets.max(), 1) / max(available[available > 0].min(), 1))) + 1
+        class_rows = [np.tile(rows, reps) if len(rows) else rows for rows in class_rows]
+    if spec.kind != "mcar":
+        class_rows = [rows[:t] for rows, t in zip(class_rows, targets)]
+    labeled = interleaved_order(class_rows, targets, total)
+    label_of = dict(zip(indices.tolist(), labels.tolist()))
+    labeled_counts = np.bincount([label_of[i] for i in labeled], minlength=num_classes)
+
+    if spec.gamma_u is None:
+        unlabeled = np.sort(indices)
+    else:
+        unlabeled = _long_tail_pool(indices, labels, set(labeled.tolist()), spec, rng, num_classes, info)
+    unlabeled_labels = np.array([label_of[i] for i in unlabeled])
+    unlabeled_counts = np.bincount(unlabeled_labels[unlabeled_labels >= 0], minlength=num_classes)
+    return Split(
+        name or spec.default_name(info.name), info.name, spec, labeled, unlabeled,
+        labeled_counts.tolist(), unlabeled_counts.tolist(), int((unlabeled_labels < 0).sum()),
+        info.checksum,
+    )
+
+
+def _long_tail_pool(indices, labels, labeled, spec, rng, num_classes, info) -> np.ndarray:
+    """A long-tailed subset of the labeled training rows with ratio gamma_u, as large as the data
+    allows. Labeled rows are taken first, so the labeled set stays inside the pool."""
+    if (labels < 0).any():
+        raise DataPrepError(f"gamma_u needs class labels for the whole pool; {info.name} has unlabeled-only rows")
+    c = np.arange(num_classes)
+    shape = np.power(float(spec.gamma_u), -c / max(num_classes - 1, 1))
+    shape = shape / shape.max()
+    available = np.array([(labels == k).sum() for k in c])
+    scale = (available / shape).min()
+    counts = np.maximum(np.floor(np.round(scale * shape, 9)).astype(np.int64), 1)
+    pool = []
+    for k in c:
+        rows = rng.permutation(indices[labels == k])
+        first = np.array([r in labeled for r in rows.tolist()], bool)
+        rows = np.concatenate([rows[first], rows[~first]])
+        pool.append(rows[:counts[k]])
+    return np.sort(np.concatenate(pool))
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def split_path(info: DatasetInfo, name) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise DataPrepError(f"invalid split name '{name}'")
+    return info.path / "splits" / f"{name}.json"
+
+
+def save_split(info: DatasetInfo, split: Split) -> Path:
+    """Write splits/<name>.json atomically (temp file, then rename)."""
+    path = split_path(info, split.name)
+    path.parent.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{split.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(split.to_json(), f)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_split(info: DatasetInfo, name, *, create=True) -> Split:
+    """Load splits/<name>.json, or create it when `name` is an original-style alias.
+
+    Fails if the split belongs to another dataset or was cut from different Parquet files.
+    """
+    path = split_path(info, name)
+    if not path.is_file():
+        parsed = parse_split_name(name)
+        if parsed is None or not create:
+            known = sorted(p.stem for p in (info.path / "splits").glob("*.json"))
+            raise DataPrepError(f"split '{name}' not found for {info.name} (known: {', '.join(known) or 'none'})")
+        dataset, spec = parsed
+        if dataset != info.name:
+            raise DataPrepError(f"split '{name}' is for dataset '{dataset}', not '{info.name}'")
+        split = make_split(info, spec, name=name)
+        save_split(info, split)
+        return split
+    try:
+        split = Split.from_json(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataPrepError(f"{path}: not a valid split file ({exc})") from None
+    if split.dataset != info.name:
+        raise DataPrepError(f"split '{name}' belongs to dataset '{split.dataset}', not '{info.name}'")
+    if split.dataset_checksum != info.checksum:
+        raise DataPrepError(
+            f"split '{name}' was cut from different {info.name} Parquet files (dataset checksum mismatch); "
+            "cut it again"
+        )
+    return split
+
+
+def describe_counts(counts) -> str:
+    return " ".join(str(int(c)) for c in counts)
+
+
+def imbalance(counts) -> float:
+    counts = [c for c in counts if c > 0]
+    return max(counts) / min(counts) if counts else math.nan
