@@ -1,0 +1,140 @@
+"""The training step, its state, the schedule, the EMA, and a real short training on digits."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from data_prep.__main__ import prepare
+from trainables.config import LossConfig, TrainConfig
+from trainables.errors import TrainConfigError
+from trainables.train import (
+    EpochSampler, build_state, cosine_lr_factor, ema_decay_at, ema_update, train, train_step,
+)
+
+
+def _batch(n_labeled=8, mu=2, shape=(8, 8, 1), num_classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labeled = torch.randint(0, 256, (n_labeled, *shape), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (n_labeled,), generator=g)
+    unlabeled = torch.randint(0, 256, (n_labeled * mu, *shape), generator=g, dtype=torch.uint8)
+    return labeled, labels, unlabeled
+
+
+def _state(**overrides):
+    config = TrainConfig(batch_size=8, mu=2, steps=100, **overrides)
+    return config, build_state(config, 10, (8, 8, 1), torch.device("cpu"))
+
+
+def test_cosine_schedule_values_at_start_middle_and_end():
+    assert cosine_lr_factor(0, 1000) == 1.0
+    assert cosine_lr_factor(500, 1000) == pytest.approx(math.cos(7 * math.pi / 32), abs=1e-12)
+    assert cosine_lr_factor(1000, 1000) == pytest.approx(math.cos(7 * math.pi / 16), abs=1e-12)
+
+
+def test_optimizer_follows_the_schedule_and_decays_only_conv_and_linear_weights():
+    config, state = _state(lr=0.1, wd=0.01)
+    decay_group, no_decay_group = state.optimizer.param_groups
+    assert decay_group["weight_decay"] == 0.01 and no_decay_group["weight_decay"] == 0.0
+    assert decay_group["nesterov"] and decay_group["momentum"] == 0.9
+    decayed = {id(p) for p in decay_group["params"]}
+    for module in state.model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            expected = isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and name == "weight"
+            assert (id(p) in decayed) == expected, (type(module).__name__, name)
+    for _ in range(3):
+        train_step(state, config, *_batch(), flip=False)
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * cosine_lr_factor(3, 100))
+
+
+def test_ema_equals_the_model_at_decay_zero_and_lags_it_otherwise():
+    model = torch.nn.Linear(3, 2)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema_update(ema, model, decay=0.0)
+    assert torch.equal(ema.weight, model.weight)
+    before = ema.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema_update(ema, model, decay=0.9)
+    torch.testing.assert_close(ema.weight, 0.9 * before + 0.1 * model.weight)
+
+
+def test_ema_decay_warms_up_like_tensorflow():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999) == pytest.approx(91 / 100)
+    assert ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_step_updates_weights_ema_prior_and_counter():
+    config, state = _state(loss=LossConfig(cap=True, cai=True, cadr=True, confidence=0.5))
+    weights = copy.deepcopy(state.model.state_dict())
+    stats = train_step(state, config, *_batch(), flip=False)
+    assert state.step == 1
+    assert not torch.equal(weights["fc.weight"], state.model.state_dict()["fc.weight"])
+    assert not torch.equal(state.ema_model.fc.weight, state.model.fc.weight)  # the EMA lags
+    assert state.p_ema.shape == (10,) and float(state.p_ema.sum()) == pytest.approx(1.0)
+    assert not torch.allclose(state.p_ema, torch.full((10,), 0.1))
+    assert set(stats) == {"total", "labeled", "unlabeled", "cadr", "mask_rate", "lr", "finite"}
+    assert bool(stats["finite"])
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    config, state = _state(strong_augment="ctaugment", loss=LossConfig(cap=True))
+    for _ in range(2):
+        train_step(state, config, *_batch(), flip=False)
+    torch.save(state.state_dict(), tmp_path / "ckpt.pt")
+    _, restored = _state(strong_augment="ctaugment", loss=LossConfig(cap=True))
+    restored.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert restored.step == 2
+    assert torch.equal(restored.p_ema, state.p_ema)
+    for a, b in zip(restored.model.parameters(), state.model.parameters()):
+        assert torch.equal(a, b)
+    # Both continue identically: same RNG, same optimiser momentum, same CTAugment weights.
+    batch = _batch(seed=3)
+    train_step(state, config, *batch, flip=False)
+    train_step(restored, config, *batch, flip=False)
+    for a, b in zip(restored.model.parameters(), state.model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_strong_augmentation_is_a_config_error():
+    with pytest.raises(TrainConfigError, match="strong_augment"):
+        _state(strong_augment="autoaugment")
+
+
+def test_config_from_dict_routes_loss_flags_and_rejects_unknown_keys():
+    config = TrainConfig.from_dict({"model": "wrn28_2", "cadr": True, "cap": True, "confidence": 0.8})
+    assert config.loss.cadr and config.loss.confidence == 0.8 and config.model == "wrn28_2"
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(TrainConfigError, match="unknown training option.*colour"):
+        TrainConfig.from_dict({"colour": 1})
+    with pytest.raises(TrainConfigError, match="cadr=True requires cap=True"):
+        TrainConfig.from_dict({"cadr": True})
+    with pytest.raises(TrainConfigError, match="confidence must be in \\(0, 1\\], got 1.5"):
+        TrainConfig.from_dict({"confidence": 1.5})
+
+
+def test_epoch_sampler_visits_every_row_once_per_epoch():
+    sampler = EpochSampler(10, 4, torch.Generator().manual_seed(0))
+    rows = torch.cat([sampler.next() for _ in range(5)])  # 20 rows = two epochs
+    assert sorted(rows[:10].tolist()) == list(range(10))
+    assert sorted(rows[10:].tolist()) == list(range(10))
+    small = EpochSampler(3, 7, torch.Generator().manual_seed(0))
+    assert len(small.next()) == 7
+
+
+def test_short_training_on_digits_is_far_above_chance(tmp_path):
+    prepare("digits", tmp_path)
+    result = train(TrainConfig(dataset="digits", split="digits_LT_10.1@50", data_root=str(tmp_path),
+                               model="cnn_small", steps=300, eval_every=100, batch_size=32, mu=3,
+                               loss=LossConfig(cap=True, cai=True, cadr=True)), progress=False)
+    metrics = result["metrics"]
+    assert metrics["step"] == 300
+    assert sorted(k for k in metrics if k.startswith("class_accuracy/")) == [f"class_accuracy/{c}" for c in range(10)]
+    assert sum(metrics[f"p_ema/{c}"] for c in range(10)) == pytest.approx(1.0)
+    assert metrics["accuracy"] > 0.5  # chance is 0.1; evaluated on the full test split
+    assert metrics["gm"] > 0.3
+    assert len(result["history"]) == 3
