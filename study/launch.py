@@ -1,31 +1,192 @@
-"""python -m study.launch: run a study. Until the study runner exists, this prepares the default
-dataset (digits) and its default long-tailed split, and says what it did."""
+"""python -m study.launch: run a study (Ray Tune + Optuna over data-parallel FixMatch trainings).
+
+With no arguments it runs the default study: digits with long-tailed labels, an Optuna sweep of
+the CAI thresholds with CADR, plus the FixMatch baseline and CADR at the paper's defaults.
+
+    python -m study.launch                                  # the default study
+    python -m study.launch --config examples/digits_thresholds.yaml --num-samples 8
+    python -m study.launch --list-spaces
+    python -m study.launch --name my-study --resume         # continue an interrupted study
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m study.launch --config FILE
+"""
 
 import argparse
+import json
+import os
+import platform
 import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import yaml
 
 from data_prep import DataPrepError
-from data_prep.__main__ import prepare
-from data_prep.splits import load_split
+from search_spaces import SPACES, SpaceError
+from search_spaces.spaces import describe
+from study.config import StudyError, default_name, load, planned_trials, validate
+from trainables.errors import TrainConfigError
 
-DEFAULT_DATASET = "digits"
-DEFAULT_SPLIT = "digits_LT_10.1@50"
+USER_ERRORS = (StudyError, DataPrepError, TrainConfigError, SpaceError)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="study YAML file (default: the built-in default study)")
+    parser.add_argument("--space", help="named search space(s), joined with '+' (see --list-spaces)")
+    parser.add_argument("--num-samples", type=int, help="searched trials (grid spaces: grid repeats)")
+    parser.add_argument("--max-concurrent", type=int, help="trials running at once")
+    parser.add_argument("--scheduler", choices=("asha", "median", "none"), help="early stopping")
+    parser.add_argument("--metric", help="metric to optimise (accuracy, gm, accuracy_median_10, ...)")
+    parser.add_argument("--storage", help="where studies live: a local path or a URI Ray accepts")
+    parser.add_argument("--name", help="study name (default: <dataset>-<space>-<time>)")
+    parser.add_argument("--num-workers", type=int, help="data-parallel workers per trial")
+    parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--data-root", help="where datasets live (default: $ML_DATA or ./data)")
+    parser.add_argument("--steps", type=int, help="training steps per trial")
+    parser.add_argument("--resume", action="store_true", help="continue the study --name (default: the latest)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
+    parser.add_argument("--list-spaces", action="store_true", help="print the named search spaces and exit")
+    return parser
+
+
+def _overrides(args) -> dict:
+    return {
+        "space": args.space, "search.num_samples": args.num_samples, "search.max_concurrent": args.max_concurrent,
+        "scheduler.name": args.scheduler, "scheduler.metric": args.metric, "storage": args.storage,
+        "name": args.name, "resources.num_workers": args.num_workers, "resources.use_gpu": args.use_gpu,
+        "address": args.address, "data_root": args.data_root, "train.steps": args.steps,
+    }
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _study_dir(config, resume: bool) -> str:
+    storage = config.storage if _is_uri(config.storage) else os.path.abspath(config.storage)
+    if not _is_uri(storage):
+        try:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"storage {storage} is not writable ({exc.strerror})") from None
+        if not os.access(storage, os.W_OK | os.X_OK):
+            raise StudyError(f"storage {storage} is not writable")
+    if config.name is None:
+        if resume:
+            studies = sorted(Path(storage).glob("*/study.json"), key=lambda p: p.stat().st_mtime) \
+                if not _is_uri(storage) else []
+            if not studies:
+                raise StudyError(f"--resume: no study found under {storage}; pass --name")
+            config.name = studies[-1].parent.name
+        else:
+            config.name = default_name(config)
+    study_dir = f"{storage.rstrip('/')}/{config.name}"
+    if not _is_uri(storage):
+        exists = Path(study_dir, "study.json").is_file()
+        if resume and not exists:
+            raise StudyError(f"--resume: no study at {study_dir}")
+        if not resume and exists:
+            raise StudyError(f"study {study_dir} already exists: pass --resume to continue it, or another --name")
+    return study_dir
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("mnar-ssl-study", "ray", "torch", "torchvision", "optuna", "numpy", "pyarrow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def write_study_json(study_dir, config, space, info, splits) -> None:
+    """study.json: the resolved config, versions, dataset and split checksums (atomic write)."""
+    record = {
+        "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_dict(), "swept": list(space),
+        "space": {name: dist.describe() for name, dist in space.items()},
+        "versions": _versions(),
+        "dataset": {"name": info.name, "checksum": info.checksum, "source_sha256": info.meta["source_sha256"],
+                    "num_classes": info.num_classes, "classes": info.meta["classes"]},
+        "splits": splits,
+    }
+    fd, tmp = tempfile.mkstemp(dir=study_dir, prefix=".study.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, os.path.join(study_dir, "study.json"))
+
+
+def print_plan(config, space, study_dir) -> None:
+    print("resolved config:")
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    print(f"\nstudy directory: {study_dir}")
+    print(f"trials: {planned_trials(config, space)} "
+          f"({len(config.search.fixed_points)} fixed, the rest from {config.search.algorithm})")
+    for point in config.search.fixed_points:
+        print(f"  fixed: {point}")
+    for point in config.search.points_to_evaluate:
+        print(f"  first searched point: {point}")
+    for name, dist in space.items():
+        print(f"  search {name}: {dist.describe()}")
+    print(f"at most {config.search.max_concurrent} at once, scheduler {config.scheduler.name}, "
+          f"optimising {config.scheduler.metric} ({config.scheduler.mode})")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__)
-    parser.add_argument("--data-root", help="where datasets live (default: $ML_DATA or ./data)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.list_spaces:
+        for name in SPACES:
+            print(describe(name))
+        return 0
     try:
-        info = prepare(DEFAULT_DATASET, args.data_root)
-        split = load_split(info, DEFAULT_SPLIT)
-    except DataPrepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return _run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    print(f"dataset {info.name} ready at {info.path}")
-    print(f"split {split.name}: {len(split.labeled_indices)} labeled rows per class {split.labeled_counts}, "
-          f"{len(split.unlabeled_indices)} unlabeled")
-    return 0
+
+
+def _run(args) -> int:
+    from data_prep.__main__ import prepare
+
+    config = load(args.config, _overrides(args))
+    space = validate(config)
+    study_dir = _study_dir(config, args.resume)
+    info = prepare(config.dataset, config.data_root)
+    from study.tune import prepare_splits
+
+    splits = prepare_splits(config, space)
+    if args.dry_run:
+        print_plan(config, space, study_dir)
+        print("dry run: nothing was trained")
+        return 0
+
+    import ray
+    import ray.data
+
+    from study.report import format_table, write_report
+    from study.tune import build_tuner, restore_tuner
+
+    ray.init(address=config.address, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    if not _is_uri(study_dir):
+        Path(study_dir).mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            write_study_json(study_dir, config, space, info, splits)
+    print_plan(config, space, study_dir)
+    tuner = restore_tuner(config, study_dir, cluster_cpus) if args.resume else \
+        build_tuner(config, space, study_dir, cluster_cpus)
+    results = tuner.fit()
+    report = write_report(study_dir)
+    print(format_table(report))
+    print(f"\nreport: {study_dir}/report.md")
+    print(f"compare trials: tensorboard --logdir {study_dir}")
+    return 0 if any(r.error is None for r in results) else 1
 
 
 if __name__ == "__main__":

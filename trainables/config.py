@@ -7,8 +7,10 @@ with a message naming the field and what it allows.
 
 from dataclasses import asdict, dataclass, field, fields
 
+from trainables.augment import STRONG_AUGMENTATIONS
 from trainables.errors import TrainConfigError
 from trainables.losses import validate_loss_options
+from trainables.models import MODELS
 
 
 def _check(condition, name, value, allowed):
@@ -71,6 +73,9 @@ class TrainConfig:
         _check(self.wd >= 0, "wd", self.wd, ">= 0")
         _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
         _check(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
+        _check(self.model in MODELS, "model", self.model, f"one of {sorted(MODELS)}")
+        _check(self.strong_augment in STRONG_AUGMENTATIONS, "strong_augment", self.strong_augment,
+               f"one of {sorted(STRONG_AUGMENTATIONS)}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                "device", self.device, "auto, cpu, cuda or cuda:N")
 

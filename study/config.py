@@ -1,0 +1,225 @@
+"""Study configuration: one YAML file (or the built-in default), validated before Ray starts.
+
+    name: digits-thresholds        # default: <dataset>-<space>-<time>
+    storage: results               # a local path or any URI Ray accepts (s3://, gs://, NFS path)
+    dataset: digits
+    split: {kind: lt, n_max: 50, gamma_l: 10, seed: 1}   # the base split; gamma_l/gamma_u may be swept
+    train: {model: cnn_small, steps: 300, cap: true, cai: true, cadr: true, ...}  # TrainConfig fields
+    space: thresholds              # named spaces joined with '+', or a mapping {param: {uniform: [lo, hi]}}
+    search: {algorithm: optuna, num_samples: 4, max_concurrent: 2, seed: 0, points_to_evaluate: [...],
+             fixed_points: [{label: fixmatch, cap: false, cai: false, cadr: false}]}
+    scheduler: {name: asha, metric: accuracy, mode: max, grace_period: 2}
+    resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2}
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from search_spaces import SpaceError, get_space, validate_space
+from search_spaces.spaces import grid_size, is_grid, space_from_dict
+from trainables.config import TrainConfig
+
+SCHEDULERS = ("asha", "median", "none")
+ALGORITHMS = ("optuna", "random", "grid")
+METRICS = ("accuracy", "gm", "accuracy_median_10", "gm_median_10", "accuracy_median_20", "gm_median_20")
+
+
+class StudyError(ValueError):
+    """A user error in a study's configuration or its storage; printed as one line."""
+
+
+@dataclass
+class SplitConfig:
+    kind: str = "lt"
+    n_max: int | None = 50
+    gamma_l: float | None = 10
+    gamma_u: float | None = None
+    size: int | None = None
+    seed: int = 1
+
+
+@dataclass
+class SearchConfig:
+    algorithm: str = "optuna"  # TPE; "grid" runs every value of Grid spaces, "random" samples
+    num_samples: int = 4  # searched trials (for grid spaces: repeats of the whole grid)
+    max_concurrent: int = 2
+    seed: int = 0
+    points_to_evaluate: list = field(default_factory=list)  # in-space points tried first
+    fixed_points: list = field(default_factory=list)  # whole configurations run as-is (baselines)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "asha"
+    metric: str = "accuracy"
+    mode: str = "max"
+    grace_period: int = 2  # evaluations before a trial may be stopped: SSL needs time to start
+
+
+@dataclass
+class ResourceConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    trial_cpus: float = 0.2  # the Tune trial that drives a TorchTrainer
+
+
+@dataclass
+class StudyConfig:
+    name: str | None = None
+    storage: str = "results"
+    dataset: str = "digits"
+    data_root: str | None = None
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: dict = field(default_factory=dict)
+    space: object = "thresholds"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    address: str | None = None
+
+    def resolved_space(self) -> dict:
+        return space_from_dict(self.space) if isinstance(self.space, dict) else get_space(self.space)
+
+    def space_name(self) -> str:
+        return self.space if isinstance(self.space, str) else "custom"
+
+    def train_config(self, params: dict | None = None) -> TrainConfig:
+        """The TrainConfig of one trial: the base `train` section with the trial's params."""
+        values = {**self.train, **(params or {})}
+        return TrainConfig.from_dict({**values, "dataset": self.dataset, "data_root": self.data_root})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_STUDY = {
+    # Digits with long-tailed labels: an Optuna sweep over the thresholds with CADR, plus the
+    # FixMatch baseline and CADR at the paper's defaults as fixed points. Sized for a 2-core laptop.
+    "dataset": "digits",
+    "split": {"kind": "lt", "n_max": 50, "gamma_l": 20, "seed": 1},
+    "train": {"model": "cnn_small", "steps": 500, "eval_every": 50, "batch_size": 32, "mu": 3,
+              "cap": True, "cai": True, "cadr": True},
+    "space": "thresholds",
+    "search": {
+        "algorithm": "optuna", "num_samples": 5, "max_concurrent": 2, "seed": 0,
+        "points_to_evaluate": [{"confidence": 0.95, "cai_beta": 0.5}],
+        "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False,
+                          "confidence": 0.95, "cai_beta": 0.5}],
+    },
+    "scheduler": {"name": "none", "metric": "accuracy", "mode": "max"},
+}
+
+
+def _section(cls, raw, name):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise StudyError(f"'{name}' must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise StudyError(f"unknown key(s) in '{name}': {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return cls(**raw)
+
+
+def from_dict(raw: dict) -> StudyConfig:
+    if not isinstance(raw, dict):
+        raise StudyError("a study config must be a mapping")
+    top = {f.name for f in fields(StudyConfig)}
+    unknown = set(raw) - top
+    if unknown:
+        raise StudyError(f"unknown study key(s): {', '.join(sorted(unknown))} (known: {', '.join(sorted(top))})")
+    sections = {"split": SplitConfig, "search": SearchConfig, "scheduler": SchedulerConfig, "resources": ResourceConfig}
+    values = {k: v for k, v in raw.items() if k not in sections}
+    values.update({k: _section(cls, raw.get(k), k) for k, cls in sections.items()})
+    return StudyConfig(**values)
+
+
+def load(path: str | None, overrides: dict) -> StudyConfig:
+    """The default study, or a YAML file, with command-line overrides (dotted keys) applied."""
+    raw = dict(DEFAULT_STUDY) if path is None else _read_yaml(path)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        target = raw
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[key] = value
+    return from_dict(raw)
+
+
+def _read_yaml(path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise StudyError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return raw or {}
+
+
+def validate(config: StudyConfig) -> dict:
+    """Check everything that can be checked without Ray; returns the resolved space."""
+    try:
+        space = config.resolved_space()
+        base = config.train_config()
+        validate_space(space, {"cap": base.loss.cap, "cai": base.loss.cai, "cadr": base.loss.cadr})
+        for point in config.search.fixed_points + config.search.points_to_evaluate:
+            if not isinstance(point, dict):
+                raise StudyError(f"a search point must be a mapping, got {point!r}")
+            params = {k: v for k, v in point.items() if k != "label"}
+            config.train_config(trial_overrides(params))
+    except SpaceError as exc:
+        raise StudyError(str(exc)) from None
+    search, scheduler = config.search, config.scheduler
+    if search.algorithm not in ALGORITHMS:
+        raise StudyError(f"search.algorithm must be one of {ALGORITHMS}, got {search.algorithm!r}")
+    if search.algorithm == "grid" and not is_grid(space):
+        raise StudyError("search.algorithm grid needs a space of grid parameters only (e.g. ablation)")
+    if is_grid(space) and search.algorithm != "grid":
+        search.algorithm = "grid"
+    if search.algorithm == "grid" and search.fixed_points:
+        raise StudyError("fixed_points cannot be combined with a grid search (put them in the grid)")
+    for point in search.points_to_evaluate:
+        missing = set(space) - set(point)
+        if missing or set(point) - set(space):
+            raise StudyError(f"points_to_evaluate entries must set exactly the space's parameters "
+                             f"({', '.join(sorted(space))}); got {', '.join(sorted(point))}")
+    if search.num_samples < 1 or search.max_concurrent < 1:
+        raise StudyError("search.num_samples and search.max_concurrent must be >= 1")
+    if scheduler.name not in SCHEDULERS:
+        raise StudyError(f"scheduler.name must be one of {SCHEDULERS}, got {scheduler.name!r}")
+    if scheduler.metric not in METRICS:
+        raise StudyError(f"unknown metric '{scheduler.metric}' (known: {', '.join(METRICS)})")
+    if scheduler.mode not in ("max", "min"):
+        raise StudyError(f"scheduler.mode must be max or min, got {scheduler.mode!r}")
+    if config.resources.trial_cpus <= 0:
+        raise StudyError("resources.trial_cpus must be > 0 (the trial that drives the trainer needs a reservation)")
+    return space
+
+
+def trial_overrides(params: dict) -> dict:
+    """Trial params -> TrainConfig fields: a variant becomes its loss flags; split parameters
+    (gamma_l, gamma_u) are not training options and are left out."""
+    from search_spaces import VARIANTS
+
+    out = {k: v for k, v in params.items() if k not in ("variant", "gamma_l", "gamma_u", "label")}
+    if "variant" in params:
+        out.update(VARIANTS[params["variant"]])
+    return out
+
+
+def planned_trials(config: StudyConfig, space: dict) -> int:
+    searched = config.search.num_samples * (grid_size(space) if config.search.algorithm == "grid" else 1)
+    return searched + len(config.search.fixed_points)
+
+
+def default_name(config: StudyConfig) -> str:
+    return f"{config.dataset}-{config.space_name().replace('+', '-')}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -1,0 +1,189 @@
+"""Ray Tune + Optuna wiring: a Tuner whose trials each run a data-parallel TorchTrainer.
+
+Each Tune trial is a small function (reserving `trial_cpus`) that builds the trial's TrainConfig
+and split, then calls `trainables.ray_train.fit` with Ray Train's `TuneReportCallback`, the
+pattern Ray documents for Train inside Tune. The Train run is named after the trial, so a study
+resumed after its driver died continues unfinished trials from their last Train checkpoint.
+Fixed points (e.g. the FixMatch baseline) run first and are kept out of Optuna's model.
+"""
+
+import os
+
+from ray import tune
+from ray.tune.search import Searcher
+
+from data_prep.parquet import open_dataset
+from data_prep.splits import SplitSpec, load_split, make_split, save_split, split_path
+from search_spaces.spaces import to_optuna, to_tune
+from study.config import StudyConfig, StudyError, planned_trials, trial_overrides
+from trainables.ray_train import Resources, fit
+
+
+class FixedPointsFirst(Searcher):
+    """Suggest whole fixed configurations first, then defer to an inner searcher.
+
+    Every suggestion is completed with `defaults` (the base loss flags and a label), so each
+    trial's params say what ran. Results of fixed points are not fed to the inner searcher:
+    they lie outside its space."""
+
+    def __init__(self, searcher, fixed_points, defaults, metric, mode):
+        super().__init__(metric=metric, mode=mode)
+        self.searcher, self.pending, self.defaults = searcher, list(fixed_points), dict(defaults)
+        self.fixed_trials = set()
+
+    def set_search_properties(self, metric, mode, config, **spec):
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id):
+        if self.pending:
+            self.fixed_trials.add(trial_id)
+            return {**self.defaults, "label": "fixed", **self.pending.pop(0)}
+        suggestion = self.searcher.suggest(trial_id)
+        if not isinstance(suggestion, dict):
+            return suggestion
+        return {**self.defaults, "label": "search", **suggestion}
+
+    def on_trial_result(self, trial_id, result):
+        if trial_id not in self.fixed_trials:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id not in self.fixed_trials:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    # Tune saves the inner searcher itself; a wrapper keeps only its own state.
+    def get_state(self):
+        return {"pending": self.pending, "fixed_trials": self.fixed_trials, "defaults": self.defaults}
+
+    def set_state(self, state):
+        self.__dict__.update(state)
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+def split_spec(config: StudyConfig, params: dict) -> SplitSpec:
+    """The trial's split: the study's base split with the trial's gamma_l / gamma_u."""
+    base = config.split
+    return SplitSpec(base.kind, base.seed, n_max=base.n_max, size=base.size,
+                     gamma_l=params.get("gamma_l", base.gamma_l), gamma_u=params.get("gamma_u", base.gamma_u))
+
+
+def prepare_splits(config: StudyConfig, space: dict) -> dict:
+    """Create (or check) every split the study can use, before any trial starts, so an imbalance
+    the dataset cannot support fails here. Returns {split name: split file sha256-free summary}."""
+    info = open_dataset(config.dataset, config.data_root)
+    gammas_l = space["gamma_l"].values if "gamma_l" in space else [config.split.gamma_l]
+    gammas_u = space["gamma_u"].values if "gamma_u" in space else [config.split.gamma_u]
+    if config.split.kind != "lt" and ("gamma_l" in space or "gamma_u" in space):
+        raise StudyError("sweeping gamma_l / gamma_u needs split.kind: lt")
+    splits = {}
+    for gamma_l in gammas_l:
+        for gamma_u in gammas_u:
+            spec = split_spec(config, {"gamma_l": gamma_l, "gamma_u": gamma_u})
+            name = spec.default_name(info.name)
+            if split_path(info, name).is_file():
+                split = load_split(info, name, create=False)
+            else:
+                split = make_split(info, spec)
+                save_split(info, split)
+            splits[name] = {"labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
+                            "labeled_counts": split.labeled_counts, "dataset_checksum": split.dataset_checksum}
+    return splits
+
+
+# --- the trial ----------------------------------------------------------------------------------
+
+
+def run_trial(params: dict, *, study: dict) -> None:
+    """One Tune trial: train the trial's configuration data-parallel, reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from study.config import from_dict
+
+    config = from_dict(study["config"])
+    spec = split_spec(config, params)
+    train_config = config.train_config({**trial_overrides(params), "split": spec.default_name(config.dataset)})
+    context = tune.get_context()
+    fit(train_config, Resources(**study["resources"]), storage_path=study["train_runs"],
+        name=context.get_trial_id(), max_failures=study["max_failures"], tensorboard=False,
+        callbacks=[TuneReportCallback()])
+
+
+def trial_resources(config: StudyConfig, cluster_cpus: float) -> dict:
+    """Worker CPUs sized so that max_concurrent trials fit and one CPU stays free for Ray Data."""
+    res = config.resources
+    if res.cpus_per_worker is not None:
+        return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "cpus_per_worker": res.cpus_per_worker}
+    per_trial = max(cluster_cpus - 1, 0.5) / config.search.max_concurrent - res.trial_cpus
+    cpus = min(1.0, max(per_trial / res.num_workers, 0.05))
+    return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "cpus_per_worker": round(cpus, 3)}
+
+
+def build_searcher(config: StudyConfig, space: dict):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    search, scheduler = config.search, config.scheduler
+    base = config.train_config().loss
+    defaults = {"cap": base.cap, "cai": base.cai, "cadr": base.cadr}
+    if search.algorithm == "grid":
+        return None, {**to_tune(space), **defaults, "label": "grid"}
+    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
+               else optuna.samplers.RandomSampler(seed=search.seed))
+    optuna_search = OptunaSearch(space=to_optuna(space), metric=scheduler.metric, mode=scheduler.mode,
+                                 points_to_evaluate=list(search.points_to_evaluate) or None, sampler=sampler)
+    fixed = [{"label": p.get("label", "fixed"), **p} for p in search.fixed_points]
+    return FixedPointsFirst(optuna_search, fixed, defaults, scheduler.metric, scheduler.mode), {}
+
+
+def build_scheduler(config: StudyConfig):
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    scheduler = config.scheduler
+    base = config.train_config()
+    reports = -(-base.steps // base.eval_every)
+    if scheduler.name == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                             grace_period=min(scheduler.grace_period, reports))
+    if scheduler.name == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=scheduler.grace_period,
+                                  min_samples_required=3)
+    return None
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: float):
+    """A Tuner for the study (new), ready to fit."""
+    searcher, param_space = build_searcher(config, space)
+    trainable = _trainable(config, study_dir, cluster_cpus)
+    num_samples = (config.search.num_samples if searcher is None else planned_trials(config, space))
+    tune_config = tune.TuneConfig(
+        metric=config.scheduler.metric, mode=config.scheduler.mode, search_alg=searcher,
+        scheduler=build_scheduler(config), num_samples=num_samples,
+        max_concurrent_trials=config.search.max_concurrent, trial_dirname_creator=trial_dirname,
+    )
+    run_config = tune.RunConfig(name=os.path.basename(study_dir), storage_path=os.path.dirname(study_dir))
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float):
+    """The interrupted study's Tuner: finished trials are kept, unfinished and errored ones rerun."""
+    if not tune.Tuner.can_restore(study_dir):
+        raise StudyError(f"nothing to resume at {study_dir} (no Tune experiment state there)")
+    return tune.Tuner.restore(study_dir, trainable=_trainable(config, study_dir, cluster_cpus),
+                              resume_unfinished=True, resume_errored=True)
+
+
+def _trainable(config: StudyConfig, study_dir: str, cluster_cpus: float):
+    study = {
+        "config": config.to_dict(),
+        "resources": trial_resources(config, cluster_cpus),
+        "train_runs": os.path.join(study_dir, "train_runs"),
+        "max_failures": 2,
+    }
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), {"CPU": config.resources.trial_cpus})
+

@@ -1,0 +1,173 @@
+"""python -m study.launch: validation before Ray, dry runs, a real tiny study, resume after a kill."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from search_spaces import SPACES, get_space, validate_space
+from study.launch import main
+
+TINY = {
+    "dataset": "digits",
+    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1},
+    "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
+              "cap": True, "cai": True, "cadr": True},
+    "space": "thresholds",
+    "search": {"algorithm": "optuna", "num_samples": 1, "max_concurrent": 2, "seed": 0,
+               "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False}]},
+    "scheduler": {"name": "none", "metric": "accuracy", "mode": "max"},
+}
+
+
+def _config(tmp_path, **changes) -> str:
+    raw = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw[section][field] = value
+        else:
+            raw[section] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _fails_before_ray(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_every_named_space_validates(name):
+    validate_space(get_space(name), {"cap": True, "cai": True, "cadr": True})
+
+
+def test_list_spaces_prints_every_space_with_its_ranges(capsys):
+    assert main(["--list-spaces"]) == 0
+    out = capsys.readouterr().out
+    for name in SPACES:
+        assert f"{name}:" in out
+    assert "confidence     uniform [0.7, 0.99]" in out
+
+
+def test_unknown_space_fails_before_ray(tmp_path, capsys):
+    _fails_before_ray(capsys, ["--config", _config(tmp_path), "--space", "colours", "--storage", str(tmp_path)],
+                      "unknown search space 'colours'")
+
+
+def test_inverted_bounds_fail_before_ray(tmp_path, capsys):
+    config = _config(tmp_path, space={"confidence": {"uniform": [0.9, 0.7]}})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)],
+                      "lower bound 0.9 is not below upper bound 0.7")
+
+
+def test_cadr_without_cap_fails_before_ray(tmp_path, capsys):
+    config = _config(tmp_path, train={**TINY["train"], "cap": False})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)], "cadr=True requires cap=True")
+
+
+def test_unknown_metric_fails_before_ray(tmp_path, capsys):
+    _fails_before_ray(capsys, ["--config", _config(tmp_path), "--metric", "f1", "--storage", str(tmp_path)],
+                      "unknown metric 'f1'")
+
+
+def test_unwritable_storage_fails_before_ray(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _fails_before_ray(capsys, ["--config", _config(tmp_path), "--storage", str(blocker / "sub")], "is not writable")
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    argv = ["--config", _config(tmp_path), "--storage", str(tmp_path / "studies"), "--name", "plan",
+            "--data-root", str(tmp_path / "data"), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trials: 2 (1 fixed, the rest from optuna)" in out
+    assert "search confidence: uniform [0.7, 0.99]" in out
+    assert "dry run: nothing was trained" in out
+    assert not (tmp_path / "studies" / "plan").exists()
+    assert not ray.is_initialized()
+
+
+def _launch(tmp_path, name, *extra, config=None):
+    argv = [sys.executable, "-m", "study.launch", "--config", config or _config(tmp_path),
+            "--storage", str(tmp_path / "studies"), "--name", name, "--data-root", str(tmp_path / "data"), *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@pytest.mark.ray
+def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path):
+    process = _launch(tmp_path, "tiny")
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    study = tmp_path / "studies" / "tiny"
+    trials = sorted(study.glob("trial_*"))
+    assert len(trials) == 2
+    recorded = {}
+    for trial in trials:
+        results = _results(trial)
+        assert [r["step"] for r in results] == [10, 20]
+        assert list(trial.glob("events.out.tfevents.*"))
+        recorded[results[-1]["trial_id"]] = results[-1]
+    with open(study / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:
+        last = recorded[row["trial_id"]]
+        assert float(row["accuracy"]) == pytest.approx(last["accuracy"], abs=1e-6)
+        assert float(row["gm_median_10"]) == pytest.approx(last["gm_median_10"], abs=1e-6)
+    labels = sorted(row["label"] for row in rows)
+    assert labels == ["fixmatch", "search"]
+    assert (study / "report.md").read_text().count("|") > 10
+    assert (study / "plots" / "history.png").stat().st_size > 0
+    record = json.loads((study / "study.json").read_text())
+    assert record["dataset"]["name"] == "digits" and record["swept"] == ["confidence", "cai_beta"]
+    assert record["versions"]["ray"] == ray.__version__
+    assert "tensorboard --logdir" in out
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
+    config = _config(tmp_path, search__num_samples=2, search__max_concurrent=1,
+                     train={**TINY["train"], "steps": 60, "eval_every": 10})
+    process = _launch(tmp_path, "killed", config=config)
+    study = tmp_path / "studies" / "killed"
+    deadline = time.time() + 400
+    finished = None
+    while time.time() < deadline and finished is None:
+        time.sleep(2)
+        for trial in study.glob("trial_*"):
+            results = _results(trial)
+            if results and results[-1]["step"] == 60:
+                finished = trial
+    assert finished is not None, "no trial finished in time"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_results = (finished / "result.json").read_text()
+
+    process = _launch(tmp_path, "killed", "--resume", config=config)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    trials = sorted(study.glob("trial_*"))
+    assert len(trials) == 3
+    assert (finished / "result.json").read_text() == finished_results  # not run again
+    for trial in trials:
+        assert _results(trial)[-1]["step"] == 60
+    with open(study / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3

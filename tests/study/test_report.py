@@ -1,0 +1,369 @@
+"""Specification of study reports (study.report): report.csv, report.md and plots/*.png are built
+from the files a real Ray Tune study leaves on disk. One tiny Tune study (a fake trainable that
+reports known numbers, a FixMatch baseline, two seeds per method, a trial stopped early and a
+trial that fails) serves the module; tests that change files work on a copy of it."""
+
+import csv
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+import study.report as report_module
+from search_spaces import VARIANTS
+from study.config import StudyError
+from study.report import TrialRecord, build_report, compare_to_baseline, load_trials, main, write_report
+
+pytestmark = pytest.mark.ray
+
+EVALS, STEPS_PER_EVAL, NUM_CLASSES = 4, 10, 5
+BASE_ACCURACY = {"fixmatch": 0.60, "cap": 0.66, "cadr": 0.72}
+FAILING, STOPPED = ("cap", 1), ("cap", 0)  # (variant, seed)
+STOPPED_AFTER = 2  # evaluations
+# Best first by accuracy_median_10 (median of evaluations 1..4 = base + 0.01 seed + 0.05; the
+# stopped trial's median is over evaluations 1..2); the failed trial after all the others.
+EXPECTED_ORDER = [("cadr", 1), ("cadr", 0), ("cap", 0), ("fixmatch", 1), ("fixmatch", 0), ("cap", 1)]
+
+
+def fake_accuracy(variant, seed, evaluation) -> float:
+    return BASE_ACCURACY[variant] + 0.01 * seed + 0.02 * evaluation
+
+
+def fake_training(config):
+    """Reports what trainables' training loop reports, with values known from the params."""
+    from ray import tune
+
+    variant, seed = config["variant"], config["seed"]
+    accuracies, gms = [], []
+    for evaluation in range(1, EVALS + 1):
+        if (variant, seed) == FAILING and evaluation > 2:
+            raise RuntimeError("loss became NaN on purpose")
+        accuracy = fake_accuracy(variant, seed, evaluation)
+        gm = accuracy - 0.1 - (0.05 if variant == "fixmatch" else 0.0)
+        accuracies.append(accuracy)
+        gms.append(gm)
+        metrics = {"step": evaluation * STEPS_PER_EVAL, "accuracy": accuracy, "gm": gm,
+                   "loss/total": 1.0 / evaluation, "mask_rate": 0.5, "lr": 0.03, "images_per_second": 100.0}
+        for name, history in (("accuracy", accuracies), ("gm", gms)):
+            metrics.update({f"{name}_median_{w}": statistics.median(history[-w:]) for w in (10, 20)})
+        metrics.update({f"class_accuracy/{c}": accuracy + 0.1 - 0.05 * c for c in range(NUM_CLASSES)})
+        metrics.update({f"p_ema/{c}": 1.0 / NUM_CLASSES for c in range(NUM_CLASSES)})
+        tune.report(metrics)
+
+
+def stop_one_trial(trial_id, result) -> bool:
+    config = result["config"]
+    return (config["variant"], config["seed"]) == STOPPED and result["training_iteration"] >= STOPPED_AFTER
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import tune
+
+    storage = tmp_path_factory.mktemp("studies")
+    name = "fake-ablation"
+    param_space = {
+        "variant": tune.grid_search(list(BASE_ACCURACY)),
+        "seed": tune.grid_search([0, 1]),
+        "label": tune.sample_from(lambda spec: "fixmatch" if spec.config.variant == "fixmatch" else "search"),
+        "confidence": tune.sample_from(lambda spec: 0.8 + 0.05 * spec.config.seed
+                                       + {"fixmatch": 0.0, "cap": 0.02, "cadr": 0.04}[spec.config.variant]),
+        **{flag: tune.sample_from(lambda spec, flag=flag: VARIANTS[spec.config.variant][flag])
+           for flag in ("cap", "cai", "cadr")},
+    }
+    # pytest imports this file by path; Ray's workers cannot import it by name, so ship it by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(fake_training, {"CPU": 0.2}),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric="accuracy", mode="max", reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), stop=stop_one_trial, verbose=0),
+        )
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    path = storage / name
+    study = {"name": name, "swept": ["confidence", "variant", "seed"], "versions": {"ray": ray.__version__},
+             "dataset": {"name": "digits"},
+             "config": {"dataset": "digits", "split": {"kind": "lt", "n_max": 50, "gamma_l": 20, "seed": 1},
+                        "train": {"steps": EVALS * STEPS_PER_EVAL}, "space": "ablation",
+                        "scheduler": {"name": "none", "metric": "accuracy", "mode": "max"}}}
+    (path / "study.json").write_text(json.dumps(study))
+    return path
+
+
+@pytest.fixture
+def study_copy(study_dir, tmp_path):
+    return Path(shutil.copytree(study_dir, tmp_path / study_dir.name))
+
+
+# --- what Tune recorded, read independently -------------------------------------------------
+
+
+def recorded(study_dir) -> dict:
+    """{trial_id: (params, result lines)} straight from the trial directories."""
+    trials = {}
+    for params_file in Path(study_dir).glob("*/params.json"):
+        lines = [json.loads(line) for line in (params_file.parent / "result.json").read_text().splitlines()]
+        trials[lines[0]["trial_id"]] = (json.loads(params_file.read_text()), lines)
+    return trials
+
+
+def key_of(params) -> tuple:
+    return params["variant"], params["seed"]
+
+
+def read_csv(study_dir) -> list[dict]:
+    with open(Path(study_dir) / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- report.csv -------------------------------------------------------------------------------
+
+
+def test_csv_rows_hold_exactly_what_tune_recorded(study_dir):
+    write_report(study_dir)
+    rows, trials = read_csv(study_dir), recorded(study_dir)
+    assert len(rows) == len(trials) == len(EXPECTED_ORDER)
+    for row in rows:
+        params, lines = trials[row["trial_id"]]
+        last = lines[-1]
+        for name in ("label", "variant", "seed", "confidence", "cap", "cai", "cadr"):
+            assert row[name] == str(params[name]), name
+        for name in report_module.METRIC_COLUMNS:
+            assert float(row[name]) == last[name], name
+        assert int(row["steps"]) == last["step"]
+        assert float(row["wall_time_s"]) == last["time_total_s"]
+
+
+def test_trials_are_ranked_best_first_by_median_accuracy_and_failed_trials_last(study_dir):
+    write_report(study_dir)
+    assert [(row["variant"], int(row["seed"])) for row in read_csv(study_dir)] == EXPECTED_ORDER
+
+
+def test_ranking_follows_the_mode_of_the_study_metric(study_copy):
+    study = json.loads((study_copy / "study.json").read_text())
+    study["config"]["scheduler"] = {"metric": "gm", "mode": "min"}
+    (study_copy / "study.json").write_text(json.dumps(study))
+    report = build_report(study_copy)
+    assert report.rank_key == "gm_median_10"
+    assert [key_of(t.params) for t in report.trials] == [
+        ("fixmatch", 0), ("fixmatch", 1), ("cap", 0), ("cadr", 0), ("cadr", 1), FAILING]
+
+
+def test_statuses_come_from_tunes_experiment_state(study_dir):
+    statuses = {key_of(t.params): t.status for t in load_trials(study_dir)}
+    assert statuses.pop(FAILING) == "ERROR"
+    assert set(statuses.values()) == {"TERMINATED"}
+    write_report(study_dir)
+    failed = next(r for r in read_csv(study_dir) if (r["variant"], int(r["seed"])) == FAILING)
+    assert (failed["status"], failed["error"]) == ("ERROR", "RuntimeError: loss became NaN on purpose")
+
+
+def test_early_stopped_trial_is_terminated_with_fewer_steps(study_dir):
+    report = build_report(study_dir)
+    stopped = next(t for t in report.trials if key_of(t.params) == STOPPED)
+    assert (stopped.status, stopped.steps) == ("TERMINATED", STOPPED_AFTER * STEPS_PER_EVAL)
+    assert report.stopped_early() == [stopped]
+    assert "- Trials: 6: 5 TERMINATED (1 of them stopped early, before the planned steps), 1 ERROR\n" in \
+        report_module.format_markdown(report)
+
+
+def test_without_experiment_state_statuses_are_inferred_from_the_files(study_copy):
+    for state in study_copy.glob("experiment_state-*.json"):
+        state.unlink()
+    statuses = {key_of(t.params): t.status for t in load_trials(study_copy)}
+    assert statuses[FAILING] == "ERROR"
+    assert statuses[("cadr", 1)] == statuses[("fixmatch", 0)] == "TERMINATED"
+    assert statuses[STOPPED] == "TERMINATED"  # Tune marks the last result of a stopped trial done
+
+
+def test_trials_tune_has_queued_but_not_started_are_listed_as_pending(study_copy):
+    state_file = max(study_copy.glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    queued = json.loads(state["trial_data"][0][0])
+    queued.update(trial_id="queued_00042", status="PENDING", relative_logdir="fake_training_queued_00042_42_x",
+                  config={**queued["config"], "seed": 7})
+    state["trial_data"].append([json.dumps(queued), state["trial_data"][0][1]])
+    state_file.write_text(json.dumps(state))
+    report = build_report(study_copy)
+    pending = report.trials[-1]
+    assert (pending.trial_id, pending.status, pending.path) == ("queued_00042", "PENDING", None)
+    assert pending.params["seed"] == 7
+    assert "- Trials: 7: 5 TERMINATED (1 of them stopped early, before the planned steps), 1 PENDING, 1 ERROR\n" in \
+        report_module.format_markdown(report)
+
+
+# --- report.md ------------------------------------------------------------------------------
+
+
+def test_header_states_plainly_whether_the_best_trial_beat_the_fixmatch_baseline(study_dir):
+    report = write_report(study_dir)
+    text = (study_dir / "report.md").read_text()
+    by_key = {key_of(params): (trial_id, lines[-1]) for trial_id, (params, lines) in recorded(study_dir).items()}
+    best_id, best = by_key[("cadr", 1)]
+    baseline_id, baseline = by_key[("fixmatch", 1)]  # the better of the two baseline seeds
+    d_accuracy = 100 * (best["accuracy_median_10"] - baseline["accuracy_median_10"])
+    d_gm = 100 * (best["gm_median_10"] - baseline["gm_median_10"])
+    assert d_accuracy > 0 and d_gm > 0
+    assert (f"CADR (trial {best_id}) beat the FixMatch baseline (trial {baseline_id}) by "
+            f"+{d_accuracy:.1f} points accuracy and +{d_gm:.1f} GM") in text
+    assert text.startswith(f"# Study {report.name}\n")
+    assert "- Dataset: digits, split lt (n_max 50, gamma_l 20, seed 1)" in text
+    assert "- Trials: 6: 5 TERMINATED" in text
+    assert f"- Best: trial {best_id} (CADR, " in text
+
+
+def test_the_sentence_says_did_not_beat_when_the_baseline_is_ahead_in_either_number():
+    def trial(trial_id, accuracy, gm, **flags):
+        return TrialRecord(trial_id, {"label": "search", **flags}, "TERMINATED",
+                           [{"accuracy_median_10": accuracy, "gm_median_10": gm}])
+
+    baseline = trial("base", 0.70, 0.60, cap=False, cai=False, cadr=False)
+    worse_gm = trial("cadr1", 0.75, 0.58, cap=True, cai=True, cadr=True)
+    assert compare_to_baseline(worse_gm, baseline) == (
+        "CADR (trial cadr1) did not beat the FixMatch baseline (trial base): "
+        "+5.0 points accuracy and -2.0 GM (median of the last 10 evaluations).")
+    assert "beat the FixMatch baseline (trial base) by +1.0 points accuracy and +1.0 GM" in compare_to_baseline(
+        trial("cap1", 0.71, 0.61, cap=True), baseline)
+    assert "is the FixMatch baseline itself" in compare_to_baseline(baseline, baseline)
+
+
+def test_seeds_give_the_ablation_table_with_mean_and_std_per_method(study_dir):
+    report = write_report(study_dir)
+    lines = {key_of(params): lines[-1] for params, lines in recorded(study_dir).values()}
+    groups = {g.name: g for g in report.groups}
+    assert list(groups) == ["cadr", "cap", "fixmatch"]  # best mean first; the failed seed is left out
+    for name in ("cadr", "fixmatch"):
+        accuracy = [lines[(name, s)]["accuracy_median_10"] for s in (0, 1)]
+        gm = [lines[(name, s)]["gm_median_10"] for s in (0, 1)]
+        tails = [statistics.fmean(lines[(name, s)][f"class_accuracy/{c}"] for c in (2, 3, 4)) for s in (0, 1)]
+        group = groups[name]
+        assert group.seeds == [0, 1]
+        assert group.accuracy_mean == pytest.approx(statistics.fmean(accuracy), abs=1e-12)
+        assert group.accuracy_std == pytest.approx(statistics.stdev(accuracy), abs=1e-12)
+        assert group.gm_mean == pytest.approx(statistics.fmean(gm), abs=1e-12)
+        assert group.gm_std == pytest.approx(statistics.stdev(gm), abs=1e-12)
+        assert group.tail_accuracy_mean == pytest.approx(statistics.fmean(tails), abs=1e-12)
+    assert groups["cap"].seeds == [0] and groups["cap"].accuracy_std is None
+    text = (study_dir / "report.md").read_text()
+    cadr = groups["cadr"]
+    assert (f"| cadr | CADR | 0, 1 | {100 * cadr.accuracy_mean:.1f} ± {100 * cadr.accuracy_std:.1f} | "
+            f"{100 * cadr.gm_mean:.1f} ± {100 * cadr.gm_std:.1f} | {100 * cadr.tail_accuracy_mean:.1f} |") in text
+    d_accuracy = 100 * (cadr.accuracy_mean - groups["fixmatch"].accuracy_mean)
+    assert f"Over seeds, CADR (2 seeds) beat FixMatch (2 seeds) by +{d_accuracy:.1f} points accuracy" in text
+
+
+def test_no_grouped_table_without_repeated_seeds(study_copy):
+    for params_file in study_copy.glob("*/params.json"):
+        params = json.loads(params_file.read_text())
+        if params["seed"] == 1:
+            shutil.rmtree(params_file.parent)
+    for state in study_copy.glob("experiment_state-*.json"):
+        state.unlink()
+    report = write_report(study_copy)
+    assert len(report.trials) == 3 and report.groups == []
+    assert "## Over seeds" not in (study_copy / "report.md").read_text()
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+
+def test_plots_are_valid_pngs_for_per_class_history_and_each_numeric_swept_param(study_dir):
+    from PIL import Image
+
+    write_report(study_dir)
+    plots = study_dir / "plots"
+    names = {p.name for p in plots.iterdir()}
+    assert names == {"per_class_accuracy.png", "history.png", "param_confidence.png", "param_seed.png"}
+    for path in plots.iterdir():
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+            image.verify()
+    assert "![history](plots/history.png)" in (study_dir / "report.md").read_text()
+
+
+# --- a study still running, and atomic rebuilds ---------------------------------------------
+
+
+def test_rebuilding_while_trials_are_still_writing_uses_the_complete_lines(study_copy):
+    trial_dirs = {key_of(json.loads(p.read_text())): p.parent for p in study_copy.glob("*/params.json")}
+    writing = trial_dirs[("cadr", 1)] / "result.json"
+    lines = writing.read_text().splitlines(keepends=True)
+    writing.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])  # cut mid-line
+    (trial_dirs[("fixmatch", 0)] / "result.json").unlink()  # started, nothing reported yet
+    new_trial = study_copy / "fake_training_abcde_00099_99_new"
+    new_trial.mkdir()
+    (new_trial / "params.json").write_text(json.dumps({"label": "search", "variant": "cadr", "seed": 2,
+                                                       "cap": True, "cai": True, "cadr": True}))
+    write_report(study_copy)
+    rows = {(r["variant"], int(r["seed"])): r for r in read_csv(study_copy)}
+    second = json.loads(lines[1])
+    assert int(rows[("cadr", 1)]["steps"]) == second["step"]
+    assert float(rows[("cadr", 1)]["accuracy_median_10"]) == second["accuracy_median_10"]
+    assert rows[("cadr", 2)]["status"] == "PENDING" and rows[("cadr", 2)]["trial_id"] == "abcde_00099"
+    last_two = [(r["variant"], int(r["seed"])) for r in read_csv(study_copy)][-2:]
+    assert set(last_two) == {("fixmatch", 0), ("cadr", 2)}  # no results: last
+    assert all(rows[("fixmatch", 0)][name] == "" for name in report_module.METRIC_COLUMNS)
+    assert (study_copy / "report.md").exists()
+
+
+def test_a_failed_rebuild_leaves_the_previous_report_whole(study_copy, monkeypatch):
+    write_report(study_copy)
+    before = {name: (study_copy / name).read_bytes() for name in ("report.md", "report.csv")}
+    for params_file in study_copy.glob("*/params.json"):
+        (params_file.parent / "result.json").write_text("")  # the next report would differ
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_module.os, "replace", refuse)
+    with pytest.raises(StudyError, match="No space left on device"):
+        write_report(study_copy)
+    monkeypatch.undo()
+    assert {name: (study_copy / name).read_bytes() for name in before} == before
+    leftovers = [p.name for p in study_copy.rglob("*.tmp")]
+    assert leftovers == []
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def test_cli_rebuilds_the_report_and_prints_the_table(study_copy, capsys):
+    for name in ("report.md", "report.csv"):
+        (study_copy / name).unlink(missing_ok=True)
+    shutil.rmtree(study_copy / "plots", ignore_errors=True)
+    assert main([str(study_copy)]) == 0
+    out, err = capsys.readouterr()
+    table = out.splitlines()
+    assert table[0].startswith("| # | trial | label | method | confidence |")
+    assert len(table) == 2 + len(EXPECTED_ORDER) and err == ""
+    assert (study_copy / "report.md").exists() and (study_copy / "report.csv").exists()
+    assert (study_copy / "plots" / "history.png").exists()
+
+
+@pytest.mark.parametrize("make", [lambda tmp: tmp / "missing", lambda tmp: tmp])
+def test_cli_refuses_a_directory_that_is_not_a_study_with_one_line_and_exit_2(tmp_path, capsys, make):
+    assert main([str(make(tmp_path))]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_a_malformed_study_json_is_a_study_error(study_copy):
+    (study_copy / "study.json").write_text("{not json")
+    with pytest.raises(StudyError, match="study.json is not a valid study file"):
+        build_report(study_copy)
+
+
+def test_trial_values_ignore_what_is_not_a_finite_number():
+    trial = TrialRecord("t", {}, "RUNNING", [{"accuracy": math.nan, "gm": True, "step": 3, "class_accuracy/1": 0.5}])
+    assert trial.value("accuracy") is None and trial.value("gm") is None and trial.steps == 3
+    assert trial.class_accuracy[1] == 0.5 and math.isnan(trial.class_accuracy[0])
