@@ -1,0 +1,210 @@
+"""Specification of the data-parallel step (trainables.distributed + train_step): two workers,
+each given half of a global batch and a `DistributedCollective`, with the model in torch DDP,
+end every step with the same weights, EMA weights, p_ema, losses and mask statistics as one
+process given the whole batch.
+
+The comparison is only meaningful when nothing else differs between the two runs, so the model
+has no batch-norm (its statistics are per worker by design) and both augmentations are
+deterministic functions of the input. The two workers are spawned once for the whole module
+(gloo on localhost) and run every case; each test compares one case.
+"""
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import trainables.train
+from trainables.config import LossConfig, TrainConfig
+from trainables.distributed import DistributedCollective
+from trainables.models import MODELS
+from trainables.train import build_state, train_step
+
+NUM_CLASSES, IMAGE_SHAPE = 4, (8, 8, 1)
+BATCH, MU, STEPS, WORLD_SIZE = 8, 3, 3, 2
+
+CASES = {  # name: loss flags
+    "cap_cai_cadr": dict(cap=True, cai=True, cadr=True),
+    "cadr_off": dict(cap=True, cai=True, cadr=False),
+    "cai_off": dict(cap=True, cai=False, cadr=True),
+    "cap_off": dict(cap=False, cai=True, cadr=False),  # CADR needs CAP
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# float64 shows the two runs compute the same function (they agree to ~1e-15); in float32 only
+# the summation order of the all-reduces differs (measured: <= 5e-7 on losses, <= 1e-6 on weights).
+TOLERANCES = {"float32": dict(atol=2e-6, rtol=1e-5), "float64": dict(atol=1e-12, rtol=1e-10)}
+
+
+class TinyNet(nn.Module):
+    """conv -> tanh -> linear: no batch-norm, so a worker's half batch gives the same per-row
+    logits as the whole batch. Computes in its own dtype, whatever the input's."""
+
+    def __init__(self, num_classes, in_channels, image_size, dtype):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 3, 3, padding=1, dtype=dtype)
+        self.fc = nn.Linear(3 * image_size * image_size, num_classes, dtype=dtype)
+        with torch.no_grad():
+            self.fc.weight.mul_(6)  # confident enough that some pseudo-labels pass the thresholds
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x.to(self.fc.weight.dtype))).flatten(1))
+
+
+def tiny_net(num_classes, in_channels=1, image_size=8):
+    return TinyNet(num_classes, in_channels, image_size, torch.float32)
+
+
+def tiny_net64(num_classes, in_channels=1, image_size=8):
+    return TinyNet(num_classes, in_channels, image_size, torch.float64)
+
+
+class MirrorStrong:
+    """A deterministic stand-in for RandAugment: inverted and mirrored, unlike the weak view."""
+
+    uses_probes = False
+
+    def __call__(self, images, *, flip, generator):
+        return 1 - images.flip(-1), None
+
+
+def identity_weak(images, *, flip, generator):
+    return images
+
+
+def install_test_doubles(patch):
+    """Register the models and make both augmentations deterministic; `patch(obj, name, value)`."""
+    patch(MODELS, "tiny_net", tiny_net)
+    patch(MODELS, "tiny_net64", tiny_net64)
+    patch(trainables.train, "weak_augment", identity_weak)
+    recorded_masks = []
+    compute_losses = trainables.train.compute_losses
+
+    def recording_compute_losses(*args, **kwargs):
+        out = compute_losses(*args, **kwargs)
+        recorded_masks.append(out.mask.detach().clone())
+        return out
+
+    patch(trainables.train, "compute_losses", recording_compute_losses)
+    return recorded_masks
+
+
+def global_batches():
+    """STEPS fixed global batches: B labeled uint8 images with labels, mu*B unlabeled."""
+    batches = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        labeled = torch.randint(0, 256, (BATCH, *IMAGE_SHAPE), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+        unlabeled = torch.randint(0, 256, (MU * BATCH, *IMAGE_SHAPE), generator=g, dtype=torch.uint8)
+        batches.append((labeled, labels, unlabeled))
+    return batches
+
+
+def case_config(case, dtype_name):
+    return TrainConfig(model="tiny_net" if dtype_name == "float32" else "tiny_net64", batch_size=BATCH, mu=MU,
+                       steps=100, lr=0.1, wd=5e-3, loss=LossConfig(confidence=0.6, **CASES[case]))
+
+
+def run_case(case, dtype_name, recorded_masks, rank=0, world_size=1):
+    """STEPS train steps on this worker's rows of every global batch; per-step statistics, masks,
+    p_ema, and the final weights."""
+    config = case_config(case, dtype_name)
+    state = build_state(config, NUM_CLASSES, IMAGE_SHAPE, torch.device("cpu"))
+    state.strong = MirrorStrong()
+    state.p_ema = state.p_ema.to(DTYPES[dtype_name])
+    collective = None
+    if world_size > 1:
+        state.model = nn.parallel.DistributedDataParallel(state.model)
+        collective = DistributedCollective()
+    labeled_rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    unlabeled_rows = slice(rank * MU * BATCH // world_size, (rank + 1) * MU * BATCH // world_size)
+    steps = []
+    recorded_masks.clear()
+    for labeled, labels, unlabeled in global_batches():
+        stats = train_step(state, config, labeled[labeled_rows], labels[labeled_rows], unlabeled[unlabeled_rows],
+                           flip=False, collective=collective)
+        steps.append({**{k: v for k, v in stats.items() if k not in ("lr", "finite")},
+                      "p_ema": state.p_ema.clone(), "mask": recorded_masks[-1]})
+    return {"steps": steps, "model": state.raw_model.state_dict(), "ema_model": state.ema_model.state_dict()}
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    # The timeout bounds every collective: if one worker fails, the other does not wait forever.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        recorded_masks = install_test_doubles(lambda obj, name, value: (
+            obj.__setitem__(name, value) if isinstance(obj, dict) else setattr(obj, name, value)))
+        results = {(case, dtype_name): run_case(case, dtype_name, recorded_masks, rank, WORLD_SIZE)
+                   for case in CASES for dtype_name in DTYPES}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_worker_results(tmp_path_factory):
+    """{rank: {(case, dtype): run_case result}} from two spawned gloo workers."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)}
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    recorded_masks = install_test_doubles(
+        lambda obj, name, value: monkeypatch.setitem(obj, name, value) if isinstance(obj, dict)
+        else monkeypatch.setattr(obj, name, value))
+    return lambda case, dtype_name: run_case(case, dtype_name, recorded_masks)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_workers_with_half_batches_match_one_process_with_the_whole_batch(
+        case, dtype_name, single_process, two_worker_results):
+    expected = single_process(case, dtype_name)
+    tolerance = TOLERANCES[dtype_name]
+    # The comparison means something only if the unlabeled loss and the corrections are active.
+    assert any(0 < float(s["mask_rate"]) < 1 for s in expected["steps"])
+    if CASES[case]["cadr"]:
+        assert any(float(s["cadr"]) != 0 for s in expected["steps"])
+    for rank in range(WORLD_SIZE):
+        got = two_worker_results[rank][case, dtype_name]
+        for step, (want, have) in enumerate(zip(expected["steps"], got["steps"], strict=True)):
+            for key in ("total", "labeled", "unlabeled", "cadr", "p_ema"):
+                torch.testing.assert_close(have[key], want[key], **tolerance,
+                                           msg=lambda m: f"rank {rank} step {step} {key}: {m}")
+        for part in ("model", "ema_model"):
+            assert got[part].keys() == expected[part].keys()
+            for name, tensor in expected[part].items():
+                torch.testing.assert_close(got[part][name], tensor, **tolerance,
+                                           msg=lambda m: f"rank {rank} {part}.{name}: {m}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mask_rate_is_the_global_rate_on_both_workers(case, single_process, two_worker_results):
+    expected = single_process(case, "float64")
+    rows_per_worker = MU * BATCH // WORLD_SIZE
+    halves_differ = False
+    for step, want in enumerate(expected["steps"]):
+        masks = [two_worker_results[rank][case, "float64"]["steps"][step]["mask"] for rank in range(WORLD_SIZE)]
+        assert [len(m) for m in masks] == [rows_per_worker] * WORLD_SIZE
+        # Worker r's rows are rows [r * muB/2, (r+1) * muB/2) of the global batch.
+        torch.testing.assert_close(torch.cat(masks), want["mask"], atol=0, rtol=0)
+        global_rate = float(want["mask"].mean())
+        halves_differ |= float(masks[0].mean()) != float(masks[1].mean())
+        for rank in range(WORLD_SIZE):
+            have = two_worker_results[rank][case, "float64"]["steps"][step]["mask_rate"]
+            assert float(have) == pytest.approx(global_rate, abs=1e-12), (rank, step)
+    assert halves_differ  # else a per-worker rate would pass too

@@ -1,0 +1,261 @@
+"""Specification of data-parallel training on Ray Train (trainables.ray_train.fit): two CPU
+workers train on the real digits dataset end to end, report per-class metrics to Ray and to
+TensorBoard, checkpoint their full state, resume from it, survive a killed worker, and refuse a
+bad configuration before any worker starts. One local Ray instance (2 CPUs) serves the module;
+every run has its own name, since a reused name resumes."""
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard_events import event_files, file_scalars, purge_step, scalars
+
+from data_prep import DataPrepError
+from data_prep.__main__ import prepare
+from trainables.config import LossConfig, TrainConfig
+from trainables.errors import TrainConfigError
+from trainables.ray_train import CHECKPOINT_FILE, Resources, fit
+from trainables.train import build_state
+
+pytestmark = pytest.mark.ray
+
+NUM_CLASSES, IMAGE_SHAPE = 10, (8, 8, 1)
+EVAL_EVERY = 20
+
+
+@pytest.fixture(scope="module")
+def worker_tmp(tmp_path_factory):
+    """The Ray workers' temporary directory (TMPDIR), so a test can see what they leave there."""
+    return tmp_path_factory.mktemp("worker-tmp")
+
+
+@pytest.fixture(scope="module")
+def local_ray(worker_tmp):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"TMPDIR": str(worker_tmp)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    prepare("digits", root)
+    return root
+
+
+def digits_config(root, **overrides) -> TrainConfig:
+    values = dict(dataset="digits", split="digits_LT_10.1@50", data_root=str(root), steps=40,
+                  eval_every=EVAL_EVERY, batch_size=16, mu=2, loss=LossConfig(cap=True, cai=True, cadr=True))
+    return TrainConfig(**{**values, **overrides})
+
+
+def unique_name(prefix) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def checkpoint_states(run_dir) -> list[Path]:
+    return sorted(Path(run_dir).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+
+
+def load_state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(got, want, where="state"):
+    """Nested dicts/lists of tensors and numbers are equal, exactly."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            assert_same_state(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_state(g, w, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got.cpu(), want.cpu()), where
+    else:
+        assert got == want, where
+
+
+@pytest.fixture(scope="module")
+def first_run(local_ray, digits_root, tmp_path_factory):
+    """A 40-step, 2-worker run, and a snapshot of what it left on disk (later tests resume it)."""
+    storage, name = tmp_path_factory.mktemp("runs"), unique_name("digits")
+    config = digits_config(digits_root)
+    result = fit(config, Resources(num_workers=2), storage_path=storage, name=name)
+    run_dir = storage / name
+    return {
+        "config": config, "storage": storage, "name": name, "result": result,
+        "checkpoints": checkpoint_states(run_dir),
+        "last_state": load_state(Path(result.checkpoint.path) / CHECKPOINT_FILE) if result.checkpoint else None,
+        "scalars": scalars(run_dir / "tensorboard"),
+    }
+
+
+def test_two_worker_training_on_digits_reports_per_class_metrics_checkpoints_and_tensorboard(first_run):
+    result = first_run["result"]
+    assert result.error is None
+    metrics = result.metrics
+    assert metrics["step"] == 40
+    for key in ("accuracy", "gm", "loss/total", "mask_rate"):
+        assert key in metrics, key
+    assert 0 <= metrics["gm"] <= metrics["accuracy"] <= 1
+    per_class = [f"class_accuracy/{c}" for c in range(NUM_CLASSES)]
+    prior = [f"p_ema/{c}" for c in range(NUM_CLASSES)]
+    assert all(0 <= metrics[k] <= 1 for k in per_class)
+    assert sum(metrics[k] for k in prior) == pytest.approx(1.0, abs=1e-5)
+    # One checkpoint per report (two kept), the last one at the last step.
+    assert len(first_run["checkpoints"]) == 2
+    assert first_run["last_state"]["step"] == 40
+    # Rank 0 wrote every reported scalar at every report, per class included.
+    written = first_run["scalars"]
+    for key in ("step", "accuracy", "gm", *per_class, *prior):
+        assert sorted(written.get(key, {})) == [20, 40], key
+        assert written[key][40] == pytest.approx(metrics[key], rel=1e-6, abs=1e-7), key
+
+
+def test_reported_checkpoints_leave_no_local_copies_behind(local_ray, first_run, worker_tmp):
+    assert first_run["result"].error is None
+    assert local_ray.get(local_ray.remote(tempfile.gettempdir).remote()) == str(worker_tmp)  # where they would be
+    assert list(worker_tmp.glob("fixmatch-ckpt-*")) == []  # each is a full model + EMA + optimizer
+
+
+def test_checkpoint_holds_step_p_ema_and_optimizer_state_and_loads_back_exactly(first_run):
+    saved = first_run["last_state"]
+    assert saved["step"] == 40
+    reported = first_run["result"].metrics
+    assert saved["p_ema"].tolist() == pytest.approx([reported[f"p_ema/{c}"] for c in range(NUM_CLASSES)])
+    assert not torch.allclose(saved["p_ema"], torch.full((NUM_CLASSES,), 1 / NUM_CLASSES))
+    assert saved["scheduler"]["last_epoch"] == 40
+    state = build_state(first_run["config"], NUM_CLASSES, IMAGE_SHAPE, torch.device("cpu"))
+    momentum = [s["momentum_buffer"] for s in saved["optimizer"]["state"].values()]
+    assert len(momentum) == len(list(state.model.parameters()))
+    assert all(buffer.abs().sum() > 0 for buffer in momentum)
+
+    state.load_state_dict(saved)
+    assert state.step == 40
+    assert torch.equal(state.p_ema, saved["p_ema"])
+    assert_same_state(state.state_dict(), saved)
+
+
+def test_resuming_a_run_continues_at_the_saved_step_with_its_state(first_run):
+    run_dir = first_run["storage"] / first_run["name"]
+    config = digits_config(first_run["config"].data_root, steps=80)
+    result = fit(config, Resources(num_workers=2), storage_path=first_run["storage"], name=first_run["name"])
+    assert result.error is None and result.metrics["step"] == 80
+
+    files = event_files(run_dir / "tensorboard")
+    assert len(files) == 2  # the first run's writer, then the resumed one's
+    resumed = files[1]
+    assert purge_step(resumed) == 41  # hides what a lost run wrote after step 40, not step 40
+    assert sorted(file_scalars(resumed)["step"]) == [60, 80]  # first report: saved step + eval_every
+    assert sorted(scalars(run_dir / "tensorboard")["step"]) == [20, 40, 60, 80]
+
+    # The resumed run carried the saved state on: its metric history starts with the first
+    # run's evaluations, its schedule counts from 40.
+    final = load_state(Path(result.checkpoint.path) / CHECKPOINT_FILE)
+    assert final["step"] == 80 and final["scheduler"]["last_epoch"] == 80
+    first_accuracies = [first_run["scalars"]["accuracy"][s] for s in (20, 40)]
+    history = final["tracker"]["history"]["accuracy"]
+    assert len(history) == 4
+    assert history[:2] == pytest.approx(first_accuracies, rel=1e-6)
+
+
+def registered_checkpoint_steps(run_dir) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (what a restart resumes from)."""
+    try:
+        snapshot = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [entry["metrics"]["step"] for entry in snapshot.get("checkpoint_results", [])]
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def started_by_this_process(pid: int) -> bool:
+    """Whether this test process is an ancestor of `pid` (Ray's raylet, a child of the driver,
+    forks the workers), so another Ray cluster on the machine is never touched."""
+    while pid > 1:
+        pid = parent_pid(pid)
+        if pid == os.getpid():
+            return True
+    return False
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of this test's live Ray Train worker processes (their title names the actor class)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if b"RayTrainWorker" in Path(f"/proc/{entry}/cmdline").read_bytes() and \
+                        started_by_this_process(int(entry)):
+                    pids.append(int(entry))
+            except OSError:  # it exited meanwhile
+                continue
+    return sorted(pids)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray, digits_root, tmp_path):
+    storage, name, steps = tmp_path / "runs", unique_name("killed"), 200
+    run_dir = storage / name
+    killed = {}
+
+    def kill_one_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            registered = registered_checkpoint_steps(run_dir)
+            if registered and len(pids := train_worker_pids()) == 2:
+                killed["checkpoints"] = registered
+                os.kill(pids[0], signal.SIGKILL)
+                killed["pid"] = pids[0]
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = fit(digits_config(digits_root, steps=steps), Resources(num_workers=2), storage_path=storage,
+                 name=name, max_failures=2)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no worker was killed"
+    assert max(killed["checkpoints"]) < steps  # the kill landed mid-run
+    assert result.error is None
+    assert result.metrics["step"] == steps
+
+    files = event_files(run_dir / "tensorboard")
+    assert len(files) >= 2, "the worker group did not restart"
+    resumed_from = purge_step(files[1]) - 1
+    assert resumed_from >= min(killed["checkpoints"]) and resumed_from % EVAL_EVERY == 0  # a checkpoint
+    assert max(file_scalars(files[0])["step"]) >= resumed_from  # its evaluation was reported before
+    assert min(file_scalars(files[1])["step"]) == resumed_from + EVAL_EVERY
+    reported = sorted(scalars(run_dir / "tensorboard")["step"])
+    assert reported == list(range(EVAL_EVERY, steps + 1, EVAL_EVERY))  # no gap, ends at `steps`
+
+
+@pytest.mark.parametrize("change, resources, error, message", [  # message: a regular expression
+    ({"batch_size": 18}, Resources(num_workers=3), TrainConfigError, "num_workers=3 exceeds the cluster's 2 CPUs"),
+    ({"batch_size": 15}, Resources(num_workers=2), TrainConfigError,
+     "batch_size=15 is not divisible by num_workers=2"),
+    ({"model": "no_such_net"}, Resources(num_workers=2), TrainConfigError, "model.*'no_such_net'"),
+    ({"split": "mnist5k_LT_10.1@50"}, Resources(num_workers=2), DataPrepError,
+     r"split 'mnist5k_LT_10\.1@50' is for dataset 'mnist5k', not 'digits'"),
+], ids=["more_workers_than_cpus", "batch_not_divisible", "unknown_model", "split_of_another_dataset"])
+def test_bad_configuration_fails_before_any_worker_starts(local_ray, digits_root, tmp_path, change, resources,
+                                                          error, message):
+    started = time.monotonic()
+    with pytest.raises(error, match=message):
+        fit(digits_config(digits_root, **change), resources, storage_path=tmp_path, name=unique_name("bad"))
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.iterdir()) == []  # no run was started

@@ -1,0 +1,35 @@
+"""Specification of the `python -m trainables.run` CLI's user errors: exit code 2, one line on
+stderr starting with "error:", no traceback, no training."""
+
+import subprocess
+import sys
+
+import pytest
+
+from data_prep.__main__ import prepare
+from trainables.run import main
+
+
+def test_cli_reports_a_bad_option_value_as_one_error_line_before_ray_starts(capsys, tmp_path):
+    code = main(["--steps", "0", "--storage", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, "error: steps must be >= 1, got 0\n")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.ray
+def test_cli_reports_a_split_of_another_dataset_as_one_error_line(tmp_path):
+    # A subprocess: the CLI starts (and leaves) its own local Ray instance, whose log lines go to
+    # the same stderr; the error must still be exactly one line, the last one.
+    pytest.importorskip("ray")
+    prepare("digits", tmp_path / "data")
+    argv = ["--dataset", "digits", "--split", "mnist5k_LT_10.1@50", "--data-root", tmp_path / "data",
+            "--num-workers", "2", "--storage", tmp_path / "runs"]
+    done = subprocess.run([sys.executable, "-m", "trainables.run", *map(str, argv)], capture_output=True,
+                          text=True, timeout=180)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert [line for line in lines if line.startswith("error:")] == [
+        "error: split 'mnist5k_LT_10.1@50' is for dataset 'mnist5k', not 'digits'"], done.stderr
+    assert lines[-1].startswith("error:") and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,211 @@
+"""Data-parallel FixMatch on Ray Train: a TorchTrainer over Ray Data shards (DESIGN.md 3.3, 5).
+
+Each worker decodes its shard of the labeled and unlabeled rows once (uint8, in memory), then
+samples its slice of every global batch from it and runs `train_step` unchanged, with a
+`DistributedCollective` so the batch-level quantities of the method are over the global batch.
+The global batch (B labeled, mu*B unlabeled) is split across the workers: more workers means
+less work per worker, not a larger batch.
+
+Every `eval_every` steps rank 0 evaluates the EMA model on the full test split, writes
+TensorBoard scalars, and reports metrics with a checkpoint; a restarted worker group resumes
+from the last one.
+"""
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainables.config import TrainConfig
+from trainables.errors import TrainConfigError
+from trainables.train import (
+    EpochSampler, RunningStats, build_state, evaluation_metrics, train_step, use_flip,
+)
+
+CHECKPOINT_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How many workers and what each reserves. cpus_per_worker=None sizes them so one whole CPU
+    stays free for Ray Data's tasks (with 2 CPUs and 2 workers: 0.5 each)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+
+    def scaling_config(self, cluster_cpus: float):
+        from ray.train import ScalingConfig
+
+        cpus = self.cpus_per_worker
+        if cpus is None:
+            cpus = min(1.0, max(cluster_cpus - 1, 0.5) / self.num_workers)
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker={"CPU": round(cpus, 3)})
+
+
+def validate(config: TrainConfig, resources: Resources, cluster_cpus: float, cluster_gpus: float) -> None:
+    """Fail before any worker starts on what can never work."""
+    workers = resources.num_workers
+    if workers < 1:
+        raise TrainConfigError(f"num_workers must be >= 1, got {workers}")
+    if config.batch_size % workers:
+        raise TrainConfigError(f"batch_size={config.batch_size} is not divisible by num_workers={workers}: "
+                               "the global batch is split evenly across workers")
+    if workers > cluster_cpus:
+        raise TrainConfigError(f"num_workers={workers} exceeds the cluster's {cluster_cpus:g} CPUs")
+    if resources.use_gpu and workers > cluster_gpus:
+        raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers} GPUs; the cluster has {cluster_gpus:g}")
+
+
+def _materialize(shard, image_shape) -> dict:
+    """A worker's shard as in-memory numpy arrays (decoded once, sampled from every step)."""
+    images, labels = [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    if not images:
+        return {"image": np.empty((0, *image_shape), np.uint8), "label": np.empty(0, np.int64)}
+    return {"image": np.concatenate(images), "label": np.concatenate(labels)}
+
+
+def _save_checkpoint(state, directory):
+    from ray.train import Checkpoint
+
+    torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
+    return Checkpoint.from_directory(directory)
+
+
+def _progress_line(metrics, total_steps, width=30) -> str:
+    done = int(width * metrics["step"] / total_steps)
+    return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} "
+            f"acc {metrics['accuracy']:.4f} gm {metrics['gm']:.4f} loss {metrics['loss/total']:.4f} "
+            f"mask {metrics['mask_rate']:.3f} {metrics['images_per_second']:.0f} img/s")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry point. loop_config: {"train": TrainConfig.to_dict(),
+    "classes": int, "image_shape": [H, W, C], "tensorboard_dir": str | None, "torch_threads": int}."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    from trainables.distributed import DistributedCollective
+
+    torch.set_num_threads(loop_config.get("torch_threads", 1))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    config = TrainConfig.from_dict(loop_config["train"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    num_classes, image_shape = loop_config["classes"], tuple(loop_config["image_shape"])
+
+    labeled = _materialize(ray.train.get_dataset_shard("labeled"), image_shape)
+    unlabeled = _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape)
+    test = _materialize(ray.train.get_dataset_shard("test"), image_shape) if rank == 0 else None
+
+    state = build_state(config, num_classes, image_shape, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        state.load_state_dict(saved)
+    if world_size > 1:
+        # Each worker augments and samples differently; after a restart, differently again.
+        state.generator.manual_seed(config.seed + 1_000_003 * rank + 7_919 * state.step)
+        state.model = ray.train.torch.prepare_model(state.model, move_to_device=False)
+    collective = DistributedCollective() if world_size > 1 else None
+
+    labeled_images = torch.from_numpy(labeled["image"]).to(device)
+    labeled_labels = torch.from_numpy(labeled["label"]).to(device)
+    unlabeled_images = torch.from_numpy(unlabeled["image"]).to(device)
+    local_batch = config.batch_size // world_size
+    labeled_sampler = EpochSampler(len(labeled_labels), local_batch, state.generator)
+    unlabeled_sampler = EpochSampler(len(unlabeled_images), local_batch * config.mu, state.generator)
+    flip = use_flip(config, image_shape)
+
+    writer = None
+    if rank == 0 and loop_config.get("tensorboard_dir"):
+        from tensorboardX import SummaryWriter
+
+        # TensorBoard hides earlier events at steps >= purge_step: those a lost worker group wrote
+        # after the checkpoint we resume from, but not the checkpoint's own evaluation.
+        writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=state.step + 1)
+
+    running = RunningStats()
+    images_per_step = config.batch_size * (1 + 2 * config.mu)  # global
+    while state.step < config.steps:
+        rows = labeled_sampler.next().to(device)
+        stats = train_step(state, config, labeled_images[rows], labeled_labels[rows],
+                           unlabeled_images[unlabeled_sampler.next().to(device)],
+                           flip=flip, collective=collective)
+        running.add(stats, images_per_step)
+        if state.step % config.eval_every and state.step != config.steps:
+            continue
+        metrics, checkpoint = {}, None
+        # report() copies the checkpoint into the run's storage; the local copy goes afterwards.
+        with tempfile.TemporaryDirectory(prefix="fixmatch-ckpt-") as directory:
+            if rank == 0:
+                metrics = evaluation_metrics(state, config, test["image"], test["label"], num_classes, device,
+                                             running)
+                checkpoint = _save_checkpoint(state, directory)
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(key, value, state.step)
+                    writer.flush()
+                print(_progress_line(metrics, config.steps), file=sys.stdout, flush=True)
+            else:
+                running.means(state.step)  # every worker stops on a non-finite loss
+            running = RunningStats()
+            ray.train.report(metrics, checkpoint=checkpoint)
+    if writer is not None:
+        writer.close()
+
+
+def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path="results", name=None,
+        max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None):
+    """Run one data-parallel training on the connected (or a new local) Ray cluster.
+
+    Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
+    unique per run: Ray resumes a run whose name and storage path already exist."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from data_prep.loading import ray_datasets, resolve
+
+    info, split = resolve(config.dataset, config.split, config.data_root)
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cluster = ray.cluster_resources()
+    validate(config, resources, cluster.get("CPU", 0), cluster.get("GPU", 0))
+    if name is None:
+        from datetime import datetime
+
+        name = f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+    storage_path = os.path.abspath(storage_path)
+    config = TrainConfig.from_dict({**config.to_dict(), "device": "cuda" if resources.use_gpu else "cpu"})
+    loop_config = {
+        "train": config.to_dict(), "classes": info.num_classes, "image_shape": list(info.image_shape),
+        "tensorboard_dir": os.path.join(storage_path, name, "tensorboard") if tensorboard else None,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=resources.scaling_config(cluster.get("CPU", 1)),
+        datasets=ray_datasets(config.dataset, split.name, config.data_root, verify=False),
+        dataset_config=DataConfig(datasets_to_split=["labeled", "unlabeled"]),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+            callbacks=callbacks,
+        ),
+    )
+    return trainer.fit()
