@@ -13,6 +13,7 @@ from the last one.
 
 import os
 import sys
+from math import nan
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,8 @@ def _save_checkpoint(state, directory):
 def _progress_line(metrics, total_steps, width=30) -> str:
     done = int(width * metrics["step"] / total_steps)
     return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} "
-            f"acc {metrics['accuracy']:.4f} gm {metrics['gm']:.4f} loss {metrics['loss/total']:.4f} "
-            f"mask {metrics['mask_rate']:.3f} {metrics['images_per_second']:.0f} img/s")
+            f"acc {metrics['accuracy']:.4f} gm {metrics['gm']:.4f} loss {metrics.get('loss/total', nan):.4f} "
+            f"mask {metrics.get('mask_rate', nan):.3f} {metrics.get('images_per_second', nan):.0f} img/s")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -136,16 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # after the checkpoint we resume from, but not the checkpoint's own evaluation.
         writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=state.step + 1)
 
-    running = RunningStats()
-    images_per_step = config.batch_size * (1 + 2 * config.mu)  # global
-    while state.step < config.steps:
-        rows = labeled_sampler.next().to(device)
-        stats = train_step(state, config, labeled_images[rows], labeled_labels[rows],
-                           unlabeled_images[unlabeled_sampler.next().to(device)],
-                           flip=flip, collective=collective)
-        running.add(stats, images_per_step)
-        if state.step % config.eval_every and state.step != config.steps:
-            continue
+    def evaluate_and_report(running: RunningStats) -> None:
         metrics, checkpoint = {}, None
         # report() copies the checkpoint into the run's storage; the local copy goes afterwards.
         with tempfile.TemporaryDirectory(prefix="fixmatch-ckpt-") as directory:
@@ -160,8 +152,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(_progress_line(metrics, config.steps), file=sys.stdout, flush=True)
             else:
                 running.means(state.step)  # every worker stops on a non-finite loss
-            running = RunningStats()
             ray.train.report(metrics, checkpoint=checkpoint)
+
+    if state.step >= config.steps:
+        # Restored from the final checkpoint (e.g. a study resumed after its driver died just as
+        # this run finished): report the final state once, so the run still has a result.
+        evaluate_and_report(RunningStats())
+    running = RunningStats()
+    images_per_step = config.batch_size * (1 + 2 * config.mu)  # global
+    while state.step < config.steps:
+        rows = labeled_sampler.next().to(device)
+        stats = train_step(state, config, labeled_images[rows], labeled_labels[rows],
+                           unlabeled_images[unlabeled_sampler.next().to(device)],
+                           flip=flip, collective=collective)
+        running.add(stats, images_per_step)
+        if state.step % config.eval_every == 0 or state.step == config.steps:
+            evaluate_and_report(running)
+            running = RunningStats()
     if writer is not None:
         writer.close()
 

@@ -255,7 +255,10 @@ class RunningStats:
         self.images += images
 
     def means(self, step: int) -> dict:
-        """Mean of each statistic (one host sync); raises TrainingDiverged on a non-finite loss."""
+        """Mean of each statistic (one host sync); raises TrainingDiverged on a non-finite loss.
+        Empty when no step ran since the last evaluation."""
+        if not self.steps:
+            return {}
         sums = {key: float(value) for key, value in self.sums.items()}
         if sums.pop("finite") != self.steps:
             raise TrainingDiverged(f"loss became NaN or infinite before step {step}; lower lr or check the data")

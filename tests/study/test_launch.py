@@ -100,10 +100,12 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
-def _launch(tmp_path, name, *extra, config=None):
+def _launch(tmp_path, name, *extra, config=None, log=None):
+    """Start the launcher as a subprocess; its output goes to `log` (a pipe nobody reads would
+    fill up and stall it) or, when no log is given, to a pipe for communicate()."""
     argv = [sys.executable, "-m", "study.launch", "--config", config or _config(tmp_path),
             "--storage", str(tmp_path / "studies"), "--name", name, "--data-root", str(tmp_path / "data"), *extra]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _results(trial_dir: Path) -> list[dict]:
@@ -142,23 +144,36 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path):
     assert "tensorboard --logdir" in out
 
 
+def _terminated_in_experiment_state(study: Path) -> list[str]:
+    """Trial directories Tune's saved experiment state records as finished (what --resume keeps)."""
+    states = sorted(study.glob("experiment_state-*.json"))
+    try:
+        entries = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError, KeyError):
+        return []  # being rewritten; ask again
+    trials = [json.loads(entry[0]) for entry in entries]
+    return [t["relative_logdir"] for t in trials if t.get("status") == "TERMINATED"]
+
+
 @pytest.mark.ray
 def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     config = _config(tmp_path, search__num_samples=2, search__max_concurrent=1,
                      train={**TINY["train"], "steps": 60, "eval_every": 10})
-    process = _launch(tmp_path, "killed", config=config)
+    log = open(tmp_path / "first-launch.log", "w")
+    process = _launch(tmp_path, "killed", config=config, log=log)
     study = tmp_path / "studies" / "killed"
     deadline = time.time() + 400
     finished = None
-    while time.time() < deadline and finished is None:
-        time.sleep(2)
-        for trial in study.glob("trial_*"):
-            results = _results(trial)
-            if results and results[-1]["step"] == 60:
-                finished = trial
-    assert finished is not None, "no trial finished in time"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        while time.time() < deadline and finished is None and process.poll() is None:
+            time.sleep(2)
+            terminated = _terminated_in_experiment_state(study)
+            finished = study / terminated[0] if terminated else None
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        log.close()
+    assert finished is not None, "no trial finished before the deadline"
     finished_results = (finished / "result.json").read_text()
 
     process = _launch(tmp_path, "killed", "--resume", config=config)
