@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from data_prep import DataPrepError
+from data_prep.parquet import default_data_root
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
 from study.config import StudyError, default_name, load, planned_trials, validate
@@ -154,6 +155,8 @@ def _run(args) -> int:
     from data_prep.__main__ import prepare
 
     config = load(args.config, _overrides(args))
+    # Trials run in other processes and directories: give them an absolute data root.
+    config.data_root = os.path.abspath(config.data_root or default_data_root())
     space = validate(config)
     study_dir = _study_dir(config, args.resume)
     info = prepare(config.dataset, config.data_root)

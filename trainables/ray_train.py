@@ -197,7 +197,8 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
 
         name = f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     storage_path = os.path.abspath(storage_path)
-    config = TrainConfig.from_dict({**config.to_dict(), "device": "cuda" if resources.use_gpu else "cpu"})
+    config = TrainConfig.from_dict({**config.to_dict(), "data_root": str(info.path.parent.resolve()),
+                                    "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {
         "train": config.to_dict(), "classes": info.num_classes, "image_shape": list(info.image_shape),
         "tensorboard_dir": os.path.join(storage_path, name, "tensorboard") if tensorboard else None,
