@@ -1,7 +1,7 @@
 """Named, declarative search spaces (DESIGN.md 6).
 
 A space maps parameter names (the training options, with the paper's names) to a distribution:
-`Uniform`, `LogUniform`, `Choice`, or `Grid` (every value is run, for ablations). Spaces combine
+`Uniform` (optionally in log space), `Choice`, or `Grid` (every value is run, for ablations). Spaces combine
 with "+" in a name (`thresholds+loss_weights`). `validate_space` checks bounds, types, unknown
 parameters and conflicts before any trial starts. `to_optuna` and `to_tune` map a space to the
 libraries' own distributions; nothing here knows about training or Ray.
@@ -17,18 +17,14 @@ from search_spaces.errors import SpaceError
 class Uniform:
     low: float
     high: float
+    log: bool = False  # sample uniformly in log space
 
     def describe(self) -> str:
-        return f"uniform [{self.low:g}, {self.high:g}]"
+        return f"{'log-uniform' if self.log else 'uniform'} [{self.low:g}, {self.high:g}]"
 
 
-@dataclass(frozen=True)
-class LogUniform:
-    low: float
-    high: float
-
-    def describe(self) -> str:
-        return f"log-uniform [{self.low:g}, {self.high:g}]"
+def LogUniform(low: float, high: float) -> Uniform:
+    return Uniform(low, high, log=True)
 
 
 @dataclass(frozen=True)
@@ -152,10 +148,10 @@ def validate_space(space: dict[str, Any], fixed: dict[str, Any] | None = None) -
     for name, dist in space.items():
         if name not in PARAMETERS:
             raise SpaceError(f"unknown parameter '{name}' (searchable: {', '.join(PARAMETERS)})")
-        if isinstance(dist, (Uniform, LogUniform)):
+        if isinstance(dist, Uniform):
             if not dist.low < dist.high:
                 raise SpaceError(f"{name}: lower bound {dist.low:g} is not below upper bound {dist.high:g}")
-            if isinstance(dist, LogUniform) and dist.low <= 0:
+            if dist.log and dist.low <= 0:
                 raise SpaceError(f"{name}: a log-uniform range needs a positive lower bound, got {dist.low:g}")
             _check_value(name, float(dist.low))
             _check_value(name, float(dist.high))
@@ -165,7 +161,7 @@ def validate_space(space: dict[str, Any], fixed: dict[str, Any] | None = None) -
             for value in dist.values:
                 _check_value(name, value)
         else:
-            raise SpaceError(f"{name}: {dist!r} is not a distribution (Uniform, LogUniform, Choice, Grid)")
+            raise SpaceError(f"{name}: {dist!r} is not a distribution (Uniform, Choice, Grid)")
     variants = space["variant"].values if "variant" in space else [None]
     for variant in variants:
         flags = {**{k: fixed.get(k, False) for k in ("cap", "cai", "cadr")}, **VARIANTS.get(variant, {})}
@@ -214,9 +210,7 @@ def to_optuna(space: dict[str, Any]) -> dict:
     out = {}
     for name, dist in space.items():
         if isinstance(dist, Uniform):
-            out[name] = od.FloatDistribution(dist.low, dist.high)
-        elif isinstance(dist, LogUniform):
-            out[name] = od.FloatDistribution(dist.low, dist.high, log=True)
+            out[name] = od.FloatDistribution(dist.low, dist.high, log=dist.log)
         else:
             out[name] = od.CategoricalDistribution(list(dist.values))
     return out
@@ -229,9 +223,7 @@ def to_tune(space: dict[str, Any]) -> dict:
     out = {}
     for name, dist in space.items():
         if isinstance(dist, Uniform):
-            out[name] = tune.uniform(dist.low, dist.high)
-        elif isinstance(dist, LogUniform):
-            out[name] = tune.loguniform(dist.low, dist.high)
+            out[name] = (tune.loguniform if dist.log else tune.uniform)(dist.low, dist.high)
         elif isinstance(dist, Choice):
             out[name] = tune.choice(list(dist.values))
         else:

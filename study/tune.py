@@ -71,7 +71,7 @@ def split_spec(config: StudyConfig, params: dict) -> SplitSpec:
 
 def prepare_splits(config: StudyConfig, space: dict) -> dict:
     """Create (or check) every split the study can use, before any trial starts, so an imbalance
-    the dataset cannot support fails here. Returns {split name: split file sha256-free summary}."""
+    the dataset cannot support fails here. Returns {split name: counts and dataset checksum} for study.json."""
     info = open_dataset(config.dataset, config.data_root)
     gammas_l = space["gamma_l"].values if "gamma_l" in space else [config.split.gamma_l]
     gammas_u = space["gamma_u"].values if "gamma_u" in space else [config.split.gamma_u]

@@ -218,7 +218,7 @@ def predict(model, images, device, *, batch_size=1024, channels_last=True) -> to
 def evaluate(model, images, labels, num_classes, device, **kwargs) -> dict:
     """Top-1 accuracy, per-class accuracy and their geometric mean, as plain floats."""
     predictions = predict(model, images, device, **kwargs).cpu()
-    labels = torch.as_tensor(labels).cpu()
+    labels = torch.tensor(labels).cpu()  # a copy: arrays from Arrow may be read-only
     per_class = per_class_accuracy(predictions, labels, num_classes)
     return {
         "accuracy": float(accuracy(predictions, labels)),
