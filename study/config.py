@@ -9,7 +9,7 @@
     search: {algorithm: optuna, num_samples: 4, max_concurrent: 2, seed: 0, points_to_evaluate: [...],
              fixed_points: [{label: fixmatch, cap: false, cai: false, cadr: false}]}
     scheduler: {name: asha, metric: accuracy, mode: max, grace_period: 2}
-    resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2}
+    resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2, trainer: auto}
 """
 
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +23,7 @@ from search_spaces.spaces import grid_size, is_grid, space_from_dict
 from trainables.config import TrainConfig
 
 SCHEDULERS = ("asha", "median", "none")
+TRAINERS = ("auto", "torch_trainer", "in_trial")
 ALGORITHMS = ("optuna", "random", "grid")
 METRICS = ("accuracy", "gm", "accuracy_median_10", "gm_median_10", "accuracy_median_20", "gm_median_20")
 
@@ -65,6 +66,13 @@ class ResourceConfig:
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     trial_cpus: float = 0.2  # the Tune trial that drives a TorchTrainer
+    # How a trial trains: "torch_trainer" (a Ray Train TorchTrainer inside the trial), "in_trial"
+    # (the trial process is the one worker: same loop, no worker group), or "auto" (in_trial for
+    # one worker, torch_trainer for more). A one-worker TorchTrainer costs ~50 s of start-up.
+    trainer: str = "auto"
+
+    def in_trial(self) -> bool:
+        return self.trainer == "in_trial" or (self.trainer == "auto" and self.num_workers == 1)
 
 
 @dataclass
@@ -200,6 +208,10 @@ def validate(config: StudyConfig) -> dict:
         raise StudyError(f"unknown metric '{scheduler.metric}' (known: {', '.join(METRICS)})")
     if scheduler.mode not in ("max", "min"):
         raise StudyError(f"scheduler.mode must be max or min, got {scheduler.mode!r}")
+    if config.resources.trainer not in TRAINERS:
+        raise StudyError(f"unknown resources.trainer {config.resources.trainer!r}; choose from {', '.join(TRAINERS)}")
+    if config.resources.trainer == "in_trial" and config.resources.num_workers != 1:
+        raise StudyError("resources.trainer in_trial runs one worker; use torch_trainer (or auto) for num_workers > 1")
     if config.resources.trial_cpus <= 0:
         raise StudyError("resources.trial_cpus must be > 0 (the trial that drives the trainer needs a reservation)")
     return space

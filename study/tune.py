@@ -1,9 +1,13 @@
-"""Ray Tune + Optuna wiring: a Tuner whose trials each run a data-parallel TorchTrainer.
+"""Ray Tune + Optuna wiring: a Tuner whose trials each run a data-parallel FixMatch training.
 
-Each Tune trial is a small function (reserving `trial_cpus`) that builds the trial's TrainConfig
-and split, then calls `trainables.ray_train.fit` with Ray Train's `TuneReportCallback`, the
-pattern Ray documents for Train inside Tune. The Train run is named after the trial, so a study
-resumed after its driver died continues unfinished trials from their last Train checkpoint.
+Each Tune trial is a small function that builds the trial's TrainConfig and split, then trains:
+  torch_trainer  calls `trainables.ray_train.fit` (a TorchTrainer over Ray Data shards) with Ray
+                 Train's `TuneReportCallback`, the pattern Ray documents for Train inside Tune.
+                 The Train run is named after the trial, so a resumed study continues unfinished
+                 trials from their last Train checkpoint.
+  in_trial       (one worker) runs the same training loop in the trial's own process on the
+                 in-process loader, reporting and checkpointing through Tune: no worker group,
+                 controller or Ray Data start-up per trial.
 Fixed points (e.g. the FixMatch baseline) run first and are kept out of Optuna's model.
 """
 
@@ -16,7 +20,10 @@ from data_prep.parquet import open_dataset
 from data_prep.splits import SplitSpec, load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, planned_trials, trial_overrides
+from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit
+
+MAX_FAILURES = 2  # restarts of a failed training from its last checkpoint
 
 
 class FixedPointsFirst(Searcher):
@@ -104,15 +111,40 @@ def run_trial(params: dict, *, study: dict) -> None:
     config = from_dict(study["config"])
     spec = split_spec(config, params)
     train_config = config.train_config({**trial_overrides(params), "split": spec.default_name(config.dataset)})
-    context = tune.get_context()
+    if study["in_trial"]:
+        train_in_trial(train_config, use_gpu=study["resources"]["use_gpu"])
+        return
     fit(train_config, Resources(**study["resources"]), storage_path=study["train_runs"],
-        name=context.get_trial_id(), max_failures=study["max_failures"], tensorboard=False,
-        callbacks=[TuneReportCallback()])
+        name=tune.get_context().get_trial_id(), max_failures=study["max_failures"], tensorboard=False,
+        callbacks=[TuneReportCallback()], check_resources=False)  # the workers wait for an autoscaler
+
+
+def train_in_trial(config: TrainConfig, use_gpu: bool) -> None:
+    """Train one worker's loop in this (trial) process, resuming from the trial's checkpoint."""
+    import torch
+
+    from data_prep.loading import load_arrays
+    from trainables.ray_train import LoopContext, run_loop
+
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    config = TrainConfig.from_dict({**config.to_dict(), "device": device.type})
+    data = load_arrays(config.dataset, config.split, config.data_root, verify=False)
+    arrays = {"labeled": {"image": data.labeled_images, "label": data.labeled_labels},
+              "unlabeled": {"image": data.unlabeled_images, "label": data.unlabeled_labels},
+              "test": {"image": data.test_images, "label": data.test_labels}}
+    context = LoopContext(device=device, report=tune.report, checkpoint_class=tune.Checkpoint,
+                          restored=tune.get_checkpoint())
+    run_loop(config, context, arrays, data.num_classes, data.image_shape)
 
 
 def trial_resources(config: StudyConfig, cluster_cpus: float) -> dict:
-    """Worker CPUs sized so that max_concurrent trials fit and one CPU stays free for Ray Data."""
+    """Worker CPUs sized so that max_concurrent trials fit and (for TorchTrainer trials, which read
+    through Ray Data) one CPU stays free for Ray Data's tasks."""
     res = config.resources
+    if res.in_trial() and res.cpus_per_worker is None:
+        cpus = min(1.0, max(cluster_cpus / config.search.max_concurrent, 0.05))
+        return {"num_workers": 1, "use_gpu": res.use_gpu, "cpus_per_worker": round(cpus, 3)}
     if res.cpus_per_worker is not None:
         return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "cpus_per_worker": res.cpus_per_worker}
     per_trial = max(cluster_cpus - 1, 0.5) / config.search.max_concurrent - res.trial_cpus
@@ -165,8 +197,12 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
         metric=config.scheduler.metric, mode=config.scheduler.mode, search_alg=searcher,
         scheduler=build_scheduler(config), num_samples=num_samples,
         max_concurrent_trials=config.search.max_concurrent, trial_dirname_creator=trial_dirname,
+        reuse_actors=config.resources.in_trial(),  # keeps the decoded dataset between trials
     )
-    run_config = tune.RunConfig(name=os.path.basename(study_dir), storage_path=os.path.dirname(study_dir))
+    # In-trial runs restart from the trial's last checkpoint; TorchTrainer runs restart inside Train.
+    failures = tune.FailureConfig(max_failures=MAX_FAILURES if config.resources.in_trial() else 0)
+    run_config = tune.RunConfig(name=os.path.basename(study_dir), storage_path=os.path.dirname(study_dir),
+                                failure_config=failures)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -179,11 +215,17 @@ def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float):
 
 
 def _trainable(config: StudyConfig, study_dir: str, cluster_cpus: float):
+    resources = trial_resources(config, cluster_cpus)
     study = {
         "config": config.to_dict(),
-        "resources": trial_resources(config, cluster_cpus),
+        "resources": resources,
+        "in_trial": config.resources.in_trial(),
         "train_runs": os.path.join(study_dir, "train_runs"),
-        "max_failures": 2,
+        "max_failures": MAX_FAILURES,
     }
-    return tune.with_resources(tune.with_parameters(run_trial, study=study), {"CPU": config.resources.trial_cpus})
+    if study["in_trial"]:
+        reservation = {"CPU": resources["cpus_per_worker"], "GPU": 1 if resources["use_gpu"] else 0}
+    else:
+        reservation = {"CPU": config.resources.trial_cpus}
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), reservation)
 

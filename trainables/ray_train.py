@@ -17,6 +17,7 @@ from math import nan
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,14 +50,17 @@ class Resources:
                              resources_per_worker={"CPU": round(cpus, 3)})
 
 
-def validate(config: TrainConfig, resources: Resources, cluster_cpus: float, cluster_gpus: float) -> None:
-    """Fail before any worker starts on what can never work."""
+def validate(config: TrainConfig, resources: Resources, cluster_cpus: float | None, cluster_gpus: float | None) -> None:
+    """Fail before any worker starts on what can never work. cluster_cpus/gpus None: the
+    cluster may grow (an autoscaler adds nodes on demand), so its current size is not checked."""
     workers = resources.num_workers
     if workers < 1:
         raise TrainConfigError(f"num_workers must be >= 1, got {workers}")
     if config.batch_size % workers:
         raise TrainConfigError(f"batch_size={config.batch_size} is not divisible by num_workers={workers}: "
                                "the global batch is split evenly across workers")
+    if cluster_cpus is None:
+        return
     if workers > cluster_cpus:
         raise TrainConfigError(f"num_workers={workers} exceeds the cluster's {cluster_cpus:g} CPUs")
     if resources.use_gpu and workers > cluster_gpus:
@@ -74,18 +78,24 @@ def _materialize(shard, image_shape) -> dict:
     return {"image": np.concatenate(images), "label": np.concatenate(labels)}
 
 
-def _save_checkpoint(state, directory):
-    from ray.train import Checkpoint
-
-    torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
-    return Checkpoint.from_directory(directory)
-
-
 def _progress_line(metrics, total_steps, width=30) -> str:
     done = int(width * metrics["step"] / total_steps)
     return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} "
             f"acc {metrics['accuracy']:.4f} gm {metrics['gm']:.4f} loss {metrics.get('loss/total', nan):.4f} "
             f"mask {metrics.get('mask_rate', nan):.3f} {metrics.get('images_per_second', nan):.0f} img/s")
+
+
+@dataclass
+class LoopContext:
+    """What the training loop needs from the Ray API that runs it: Ray Train (one of N workers)
+    or Ray Tune (a single-worker trial training in its own process)."""
+
+    device: torch.device
+    report: Callable  # report(metrics, checkpoint=None)
+    checkpoint_class: type  # ray.train.Checkpoint or ray.tune.Checkpoint
+    restored: object = None  # the checkpoint to resume from, if any
+    rank: int = 0
+    world_size: int = 1
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -95,32 +105,42 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from trainables.distributed import DistributedCollective
-
     torch.set_num_threads(loop_config.get("torch_threads", 1))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    config = TrainConfig.from_dict(loop_config["train"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    num_classes, image_shape = loop_config["classes"], tuple(loop_config["image_shape"])
+    train_context = ray.train.get_context()
+    context = LoopContext(device=ray.train.torch.get_device(), report=ray.train.report,
+                          checkpoint_class=ray.train.Checkpoint, restored=ray.train.get_checkpoint(),
+                          rank=train_context.get_world_rank(), world_size=train_context.get_world_size())
+    image_shape = tuple(loop_config["image_shape"])
+    data = {"labeled": _materialize(ray.train.get_dataset_shard("labeled"), image_shape),
+            "unlabeled": _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape),
+            "test": _materialize(ray.train.get_dataset_shard("test"), image_shape) if context.rank == 0 else None}
+    run_loop(TrainConfig.from_dict(loop_config["train"]), context, data, loop_config["classes"], image_shape,
+             tensorboard_dir=loop_config.get("tensorboard_dir"))
 
-    labeled = _materialize(ray.train.get_dataset_shard("labeled"), image_shape)
-    unlabeled = _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape)
-    test = _materialize(ray.train.get_dataset_shard("test"), image_shape) if rank == 0 else None
 
+def run_loop(config: TrainConfig, context: LoopContext, data: dict, num_classes: int, image_shape,
+             tensorboard_dir=None) -> None:
+    """Train from `data` ({"labeled", "unlabeled", "test"}: {"image", "label"} numpy arrays; "test"
+    only on rank 0), evaluating, checkpointing and reporting every `eval_every` steps."""
+    rank, world_size, device = context.rank, context.world_size, context.device
     state = build_state(config, num_classes, image_shape, device)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    if context.restored is not None:
+        with context.restored.as_directory() as directory:
             saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         state.load_state_dict(saved)
+    collective = None
     if world_size > 1:
+        import ray.train.torch
+
+        from trainables.distributed import DistributedCollective
+
         # Each worker augments and samples differently; after a restart, differently again.
         state.generator.manual_seed(config.seed + 1_000_003 * rank + 7_919 * state.step)
         state.model = ray.train.torch.prepare_model(state.model, move_to_device=False)
-    collective = DistributedCollective() if world_size > 1 else None
+        collective = DistributedCollective()
 
+    labeled, unlabeled, test = data["labeled"], data["unlabeled"], data["test"]
     labeled_images = torch.from_numpy(labeled["image"]).to(device)
     labeled_labels = torch.from_numpy(labeled["label"]).to(device)
     unlabeled_images = torch.from_numpy(unlabeled["image"]).to(device)
@@ -130,12 +150,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     flip = use_flip(config, image_shape)
 
     writer = None
-    if rank == 0 and loop_config.get("tensorboard_dir"):
+    if rank == 0 and tensorboard_dir:
         from tensorboardX import SummaryWriter
 
         # TensorBoard hides earlier events at steps >= purge_step: those a lost worker group wrote
         # after the checkpoint we resume from, but not the checkpoint's own evaluation.
-        writer = SummaryWriter(loop_config["tensorboard_dir"], purge_step=state.step + 1)
+        writer = SummaryWriter(tensorboard_dir, purge_step=state.step + 1)
 
     def evaluate_and_report(running: RunningStats) -> None:
         metrics, checkpoint = {}, None
@@ -144,7 +164,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 metrics = evaluation_metrics(state, config, test["image"], test["label"], num_classes, device,
                                              running)
-                checkpoint = _save_checkpoint(state, directory)
+                torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
+                checkpoint = context.checkpoint_class.from_directory(directory)
                 if writer is not None:
                     for key, value in metrics.items():
                         writer.add_scalar(key, value, state.step)
@@ -152,7 +173,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(_progress_line(metrics, config.steps), file=sys.stdout, flush=True)
             else:
                 running.means(state.step)  # every worker stops on a non-finite loss
-            ray.train.report(metrics, checkpoint=checkpoint)
+            context.report(metrics, checkpoint=checkpoint)
 
     if state.step >= config.steps:
         # Restored from the final checkpoint (e.g. a study resumed after its driver died just as
@@ -174,11 +195,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path="results", name=None,
-        max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None):
+        max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None, check_resources=True):
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
 
     Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
-    unique per run: Ray resumes a run whose name and storage path already exist."""
+    unique per run: Ray resumes a run whose name and storage path already exist. With
+    check_resources=False the workers may wait for nodes an autoscaler has yet to add."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
@@ -191,12 +213,17 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
         ray.init()
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
-    validate(config, resources, cluster.get("CPU", 0), cluster.get("GPU", 0))
+    if check_resources:
+        validate(config, resources, cluster.get("CPU", 0), cluster.get("GPU", 0))
+    else:
+        validate(config, resources, None, None)
     if name is None:
         from datetime import datetime
 
         name = f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-    storage_path = os.path.abspath(storage_path)
+    storage_path = str(storage_path)
+    if "://" not in storage_path:  # a URI (s3://, gs://, file://) goes to Ray as it is
+        storage_path = os.path.abspath(storage_path)
     config = TrainConfig.from_dict({**config.to_dict(), "data_root": str(info.path.parent.resolve()),
                                     "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {

@@ -57,7 +57,9 @@ def main(argv=None):
 
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False)
-        result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures)
+        # A cluster given by --address may autoscale: its current size is no limit.
+        result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures,
+                     check_resources=address is None)
     except (TrainConfigError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

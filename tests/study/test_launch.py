@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 
 from search_spaces import SPACES, get_space, validate_space
@@ -82,10 +83,35 @@ def test_unknown_metric_fails_before_ray(tmp_path, capsys):
                       "unknown metric 'f1'")
 
 
+def test_unknown_trainer_fails_before_ray(tmp_path, capsys):
+    _fails_before_ray(capsys, ["--config", _config(tmp_path, resources={"trainer": "threads"}),
+                               "--storage", str(tmp_path)], "unknown resources.trainer 'threads'")
+
+
+def test_in_trial_with_two_workers_fails_before_ray(tmp_path, capsys):
+    config = _config(tmp_path, resources={"trainer": "in_trial"})
+    _fails_before_ray(capsys, ["--config", config, "--num-workers", "2", "--storage", str(tmp_path)],
+                      "in_trial runs one worker")
+
+
 def test_unwritable_storage_fails_before_ray(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     _fails_before_ray(capsys, ["--config", _config(tmp_path), "--storage", str(blocker / "sub")], "is not writable")
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_use_gpu_on_a_local_machine_without_one_fails_before_any_trial(tmp_path, capsys):
+    argv = ["--config", _config(tmp_path), "--storage", str(tmp_path / "studies"), "--name", "gpu",
+            "--data-root", str(tmp_path / "data"), "--use-gpu"]
+    try:
+        assert main(argv) == 2
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: use_gpu with num_workers=1 needs 1 GPU(s) per trial; this machine has 0"
+    assert not list((tmp_path / "studies" / "gpu").glob("trial_*"))
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
@@ -114,8 +140,11 @@ def _results(trial_dir: Path) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path):
-    process = _launch(tmp_path, "tiny")
+@pytest.mark.parametrize("trainer, uri", [("in_trial", True), ("torch_trainer", False)])
+def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, trainer, uri):
+    # Storage given as a file:// URI goes through the same pyarrow filesystem code as s3:// or gs://.
+    storage = f"file://{tmp_path / 'studies'}" if uri else str(tmp_path / "studies")
+    process = _launch(tmp_path, "tiny", "--storage", storage, config=_config(tmp_path, resources={"trainer": trainer}))
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
     study = tmp_path / "studies" / "tiny"
@@ -141,7 +170,14 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path):
     record = json.loads((study / "study.json").read_text())
     assert record["dataset"]["name"] == "digits" and record["swept"] == ["confidence", "cai_beta"]
     assert record["versions"]["ray"] == ray.__version__
-    assert "tensorboard --logdir" in out
+    assert f"tensorboard --logdir {study}" in out
+    # A TorchTrainer trial keeps its Train run (and checkpoints) under train_runs/<trial id>;
+    # an in-trial run checkpoints into its Tune trial directory.
+    train_runs = sorted(p.name for p in (study / "train_runs").glob("*")) if (study / "train_runs").exists() else []
+    if trainer == "torch_trainer":
+        assert train_runs == sorted(recorded)
+    else:
+        assert train_runs == [] and all(list(t.glob("checkpoint_*")) for t in trials)
 
 
 def _terminated_in_experiment_state(study: Path) -> list[str]:
