@@ -15,10 +15,8 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 
 import yaml
 
@@ -27,6 +25,7 @@ from data_prep.parquet import default_data_root
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
 from study.config import StudyError, default_name, load, planned_trials, validate
+from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, write_bytes
 from trainables.errors import TrainConfigError
 
 USER_ERRORS = (StudyError, DataPrepError, TrainConfigError, SpaceError)
@@ -63,35 +62,22 @@ def _overrides(args) -> dict:
     }
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _study_dir(config, resume: bool) -> str:
-    storage = config.storage if _is_uri(config.storage) else os.path.abspath(config.storage)
-    if not _is_uri(storage):
-        try:
-            Path(storage).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StudyError(f"storage {storage} is not writable ({exc.strerror})") from None
-        if not os.access(storage, os.W_OK | os.X_OK):
-            raise StudyError(f"storage {storage} is not writable")
+    storage = config.storage if is_uri(config.storage) else os.path.abspath(config.storage)
+    make_dirs(storage)
     if config.name is None:
         if resume:
-            studies = sorted(Path(storage).glob("*/study.json"), key=lambda p: p.stat().st_mtime) \
-                if not _is_uri(storage) else []
-            if not studies:
+            config.name = newest_study(storage)
+            if config.name is None:
                 raise StudyError(f"--resume: no study found under {storage}; pass --name")
-            config.name = studies[-1].parent.name
         else:
             config.name = default_name(config)
-    study_dir = f"{storage.rstrip('/')}/{config.name}"
-    if not _is_uri(storage):
-        exists = Path(study_dir, "study.json").is_file()
-        if resume and not exists:
-            raise StudyError(f"--resume: no study at {study_dir}")
-        if not resume and exists:
-            raise StudyError(f"study {study_dir} already exists: pass --resume to continue it, or another --name")
+    study_dir = join(storage, config.name)
+    found = exists(join(study_dir, "study.json"))
+    if resume and not found:
+        raise StudyError(f"--resume: no study at {study_dir}")
+    if not resume and found:
+        raise StudyError(f"study {study_dir} already exists: pass --resume to continue it, or another --name")
     return study_dir
 
 
@@ -116,10 +102,8 @@ def write_study_json(study_dir, config, space, info, splits) -> None:
                     "num_classes": info.num_classes, "classes": info.meta["classes"]},
         "splits": splits,
     }
-    fd, tmp = tempfile.mkstemp(dir=study_dir, prefix=".study.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(study_dir, "study.json"))
+    make_dirs(study_dir)
+    write_bytes(join(study_dir, "study.json"), json.dumps(record, indent=2).encode())
 
 
 def print_plan(config, space, study_dir) -> None:
@@ -136,6 +120,14 @@ def print_plan(config, space, study_dir) -> None:
         print(f"  search {name}: {dist.describe()}")
     print(f"at most {config.search.max_concurrent} at once, scheduler {config.scheduler.name}, "
           f"optimising {config.scheduler.metric} ({config.scheduler.mode})")
+
+
+def check_local_resources(config, cluster: dict) -> None:
+    """A trial that needs more GPUs than this machine has would wait forever: refuse it."""
+    res = config.resources
+    if res.use_gpu and cluster.get("GPU", 0) < res.num_workers:
+        raise StudyError(f"use_gpu with num_workers={res.num_workers} needs {res.num_workers} GPU(s) per trial; "
+                         f"this machine has {cluster.get('GPU', 0):g}")
 
 
 def main(argv=None):
@@ -176,19 +168,22 @@ def _run(args) -> int:
 
     ray.init(address=config.address, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    if not _is_uri(study_dir):
-        Path(study_dir).mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            write_study_json(study_dir, config, space, info, splits)
+    cluster = ray.cluster_resources()
+    cluster_cpus = cluster.get("CPU", 1)
+    if config.address is None:  # a local Ray cannot grow; a cluster's autoscaler may add GPU nodes
+        check_local_resources(config, cluster)
+    if not args.resume:
+        write_study_json(study_dir, config, space, info, splits)
     print_plan(config, space, study_dir)
     tuner = restore_tuner(config, study_dir, cluster_cpus) if args.resume else \
         build_tuner(config, space, study_dir, cluster_cpus)
     results = tuner.fit()
-    report = write_report(study_dir)
+    with local_study(study_dir) as local:
+        report = write_report(local)
     print(format_table(report))
     print(f"\nreport: {study_dir}/report.md")
-    print(f"compare trials: tensorboard --logdir {study_dir}")
+    logdir = study_dir.removeprefix("file://")  # TensorBoard reads paths, gs:// and s3:// (with their extras)
+    print(f"compare trials: tensorboard --logdir {logdir}")
     return 0 if any(r.error is None for r in results) else 1
 
 

@@ -696,10 +696,13 @@ def _write_atomic(path: Path, write) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study_dir", help="a study directory (<storage>/<study name>)")
+    parser.add_argument("study_dir", help="a study directory (<storage>/<study name>): a path or a URI")
     args = parser.parse_args(argv)
+    from study.storage import local_study
+
     try:
-        report = write_report(args.study_dir)
+        with local_study(args.study_dir) as local:
+            report = write_report(local)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -349,6 +349,30 @@ def test_cli_rebuilds_the_report_and_prints_the_table(study_copy, capsys):
     assert (study_copy / "plots" / "history.png").exists()
 
 
+def test_cli_reads_and_writes_a_study_given_as_a_uri(study_copy, capsys):
+    # file:// goes through the same pyarrow filesystem code as s3:// or gs://: the report is built
+    # on a local mirror without checkpoints, then its files are uploaded.
+    (study_copy / "report.md").unlink(missing_ok=True)
+    (study_copy / "report.csv").write_text("stale")
+    shutil.rmtree(study_copy / "plots", ignore_errors=True)
+    local = build_report(study_copy)
+    assert main([f"file://{study_copy}"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("| # | trial | label |") and err == ""
+    assert (study_copy / "report.md").read_text() == report_module.format_markdown(local)
+    rows = list(csv.DictReader((study_copy / "report.csv").open()))
+    assert [row["trial_id"] for row in rows] == [row["trial_id"] for row in local.rows()]
+    assert (study_copy / "plots" / "history.png").stat().st_size > 0
+    assert not list(study_copy.glob(".*.tmp"))
+
+
+def test_cli_refuses_a_uri_without_a_study_or_with_an_unknown_scheme(tmp_path, capsys):
+    assert main([f"file://{tmp_path / 'missing'}"]) == 2
+    assert capsys.readouterr().err == f"error: no study at {tmp_path / 'missing'}\n"
+    assert main(["nosuchfs://bucket/study"]) == 2
+    assert capsys.readouterr().err.startswith("error: storage nosuchfs://bucket/study cannot be opened")
+
+
 @pytest.mark.parametrize("make", [lambda tmp: tmp / "missing", lambda tmp: tmp])
 def test_cli_refuses_a_directory_that_is_not_a_study_with_one_line_and_exit_2(tmp_path, capsys, make):
     assert main([str(make(tmp_path))]) == 2
