@@ -12,6 +12,8 @@ from typing import Any
 
 from search_spaces.errors import SpaceError
 
+CAP_FORMS = ("reference", "ipw")  # trainables.losses.CAP_FORMS, named here without importing torch
+
 
 @dataclass(frozen=True)
 class Uniform:
@@ -70,6 +72,8 @@ PARAMETERS = {
     "cap": (bool, None, None),
     "cai": (bool, None, None),
     "cadr": (bool, None, None),
+    "cap_form": (str, None, None),  # reference | ipw
+    "cap_ema": (bool, None, None),
 }
 
 SPACES: dict[str, dict[str, Any]] = {
@@ -134,6 +138,8 @@ def _check_value(name, value):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
     if name == "variant" and value not in VARIANTS:
         raise SpaceError(f"variant '{value}' is unknown (known: {', '.join(VARIANTS)})")
+    if name == "cap_form" and value not in CAP_FORMS:
+        raise SpaceError(f"cap_form '{value}' is unknown (known: {', '.join(CAP_FORMS)})")
     if not ok:
         allowed = kind.__name__ if low is None else f"a {kind.__name__} in [{low:g}, {high:g}]"
         raise SpaceError(f"{name}={value!r} is out of range: must be {allowed}")
