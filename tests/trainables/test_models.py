@@ -175,3 +175,11 @@ def test_cnn_small_learns_a_separable_toy_task_in_a_few_steps():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("image_size, feature_side", [(8, 4), (15, 7), (16, 4), (28, 7)])
+def test_cnn_small_pools_early_from_16_px_with_the_same_parameters(image_size, feature_side):
+    model = create_model("cnn_small", num_classes=10, in_channels=1, image_size=image_size)
+    features = model.features(torch.zeros(2, 1, image_size, image_size))
+    assert features.shape == (2, 64, feature_side, feature_side)
+    assert _count_parameters(model) == _count_parameters(create_model("cnn_small", 10, in_channels=1, image_size=8))
