@@ -45,7 +45,7 @@ class SplitConfig:
 @dataclass
 class SearchConfig:
     algorithm: str = "optuna"  # TPE; "grid" runs every value of Grid spaces, "random" samples
-    num_samples: int = 4  # searched trials (for grid spaces: repeats of the whole grid)
+    num_samples: int = 4  # searched trials (grid spaces: repeats of the grid, seeded train.seed + 0, 1, ...)
     max_concurrent: int = 2
     seed: int = 0
     points_to_evaluate: list = field(default_factory=list)  # in-space points tried first
@@ -202,6 +202,9 @@ def validate(config: StudyConfig) -> dict:
                              f"({', '.join(sorted(space))}); got {', '.join(sorted(point))}")
     if search.num_samples < 1 or search.max_concurrent < 1:
         raise StudyError("search.num_samples and search.max_concurrent must be >= 1")
+    if search.algorithm == "grid" and search.num_samples > 1:
+        space = _repeats_as_seeds(space, search.num_samples, config.train_config().seed)
+        search.num_samples = 1
     if scheduler.name not in SCHEDULERS:
         raise StudyError(f"scheduler.name must be one of {SCHEDULERS}, got {scheduler.name!r}")
     if scheduler.metric not in METRICS:
@@ -215,6 +218,17 @@ def validate(config: StudyConfig) -> dict:
     if config.resources.trial_cpus <= 0:
         raise StudyError("resources.trial_cpus must be > 0 (the trial that drives the trainer needs a reservation)")
     return space
+
+
+def _repeats_as_seeds(space: dict, repeats: int, base_seed: int) -> dict:
+    """A grid repeated num_samples times: each repeat trains with its own seed (base_seed + r),
+    as a `seed` grid parameter; repeats of identical trials would measure nothing."""
+    from search_spaces.spaces import Grid
+
+    if "seed" in space:
+        raise StudyError(f"search.num_samples={repeats} repeats a grid that already sweeps seed, which would "
+                         "rerun the same trials: add seeds to the grid instead")
+    return {**space, "seed": Grid(tuple(base_seed + r for r in range(repeats)))}
 
 
 def trial_overrides(params: dict) -> dict:

@@ -126,6 +126,24 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_grid_repeats_train_with_their_own_seeds(tmp_path, capsys):
+    config = _config(tmp_path, space={"variant": {"grid": ["fixmatch", "cadr"]}},
+                     search={"algorithm": "grid", "num_samples": 3, "max_concurrent": 1},
+                     train={**TINY["train"], "seed": 5})
+    argv = ["--config", config, "--storage", str(tmp_path / "studies"), "--data-root", str(tmp_path / "data"),
+            "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trials: 6 (0 fixed, the rest from grid)" in out
+    assert "search seed: each of {5, 6, 7}" in out
+
+
+def test_repeating_a_grid_that_sweeps_seed_is_refused(tmp_path, capsys):
+    config = _config(tmp_path, space="ablation", search={"algorithm": "grid", "num_samples": 2, "max_concurrent": 1})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)],
+                      "search.num_samples=2 repeats a grid that already sweeps seed")
+
+
 def _launch(tmp_path, name, *extra, config=None, log=None):
     """Start the launcher as a subprocess; its output goes to `log` (a pipe nobody reads would
     fill up and stall it) or, when no log is given, to a pipe for communicate()."""
