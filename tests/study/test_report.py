@@ -252,11 +252,17 @@ def test_seeds_give_the_ablation_table_with_mean_and_std_per_method(study_dir):
         assert group.gm_mean == pytest.approx(statistics.fmean(gm), abs=1e-12)
         assert group.gm_std == pytest.approx(statistics.stdev(gm), abs=1e-12)
         assert group.tail_accuracy_mean == pytest.approx(statistics.fmean(tails), abs=1e-12)
+        assert list(group.tail_class_accuracy) == [2, 3, 4]
+        for c in (2, 3, 4):
+            expected = statistics.fmean(lines[(name, s)][f"class_accuracy/{c}"] for s in (0, 1))
+            assert group.tail_class_accuracy[c] == pytest.approx(expected, abs=1e-12)
     assert groups["cap"].seeds == [0] and groups["cap"].accuracy_std is None
     text = (study_dir / "report.md").read_text()
     cadr = groups["cadr"]
     assert (f"| cadr | CADR | 0, 1 | {100 * cadr.accuracy_mean:.1f} ± {100 * cadr.accuracy_std:.1f} | "
-            f"{100 * cadr.gm_mean:.1f} ± {100 * cadr.gm_std:.1f} | {100 * cadr.tail_accuracy_mean:.1f} |") in text
+            f"{100 * cadr.gm_mean:.1f} ± {100 * cadr.gm_std:.1f} | {100 * cadr.tail_accuracy_mean:.1f} | "
+            + " | ".join(f"{100 * cadr.tail_class_accuracy[c]:.1f}" for c in (2, 3, 4)) + " |") in text
+    assert "| class 2 acc | class 3 acc | class 4 acc |" in text
     d_accuracy = 100 * (cadr.accuracy_mean - groups["fixmatch"].accuracy_mean)
     assert f"Over seeds, CADR (2 seeds) beat FixMatch (2 seeds) by +{d_accuracy:.1f} points accuracy" in text
 
