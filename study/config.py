@@ -204,7 +204,6 @@ def validate(config: StudyConfig) -> dict:
         raise StudyError("search.num_samples and search.max_concurrent must be >= 1")
     if search.algorithm == "grid" and search.num_samples > 1:
         space = _repeats_as_seeds(space, search.num_samples, config.train_config().seed)
-        search.num_samples = 1
     if scheduler.name not in SCHEDULERS:
         raise StudyError(f"scheduler.name must be one of {SCHEDULERS}, got {scheduler.name!r}")
     if scheduler.metric not in METRICS:
@@ -243,7 +242,8 @@ def trial_overrides(params: dict) -> dict:
 
 
 def planned_trials(config: StudyConfig, space: dict) -> int:
-    searched = config.search.num_samples * (grid_size(space) if config.search.algorithm == "grid" else 1)
+    """Trials of the study; `space` is validate()'s (grid repeats are already its seeds)."""
+    searched = grid_size(space) if config.search.algorithm == "grid" else config.search.num_samples
     return searched + len(config.search.fixed_points)
 
 

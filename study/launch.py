@@ -166,11 +166,13 @@ def _run(args) -> int:
     from study.report import format_table, write_report
     from study.tune import build_tuner, restore_tuner
 
+    # `ray job submit` sets RAY_ADDRESS for the driver: then the study runs on that cluster.
+    local_ray = config.address is None and not os.environ.get("RAY_ADDRESS")
     ray.init(address=config.address, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
     cluster_cpus = cluster.get("CPU", 1)
-    if config.address is None:  # a local Ray cannot grow; a cluster's autoscaler may add GPU nodes
+    if local_ray:  # a Ray started here cannot grow; a cluster's autoscaler may add GPU nodes
         check_local_resources(config, cluster)
     if not args.resume:
         write_study_json(study_dir, config, space, info, splits)

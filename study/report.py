@@ -357,7 +357,7 @@ def build_report(study_dir) -> Report:
         rank_key = metric  # a trainable that reports no medians
     ranked = sorted(trials, key=lambda t: _rank(t, rank_key, mode))
     return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, rank_key, ranked,
-                  _param_columns(trials, study.get("swept", [])), _groups(ranked, rank_key, mode))
+                  _param_columns(trials, study.get("swept", [])), _groups(ranked, rank_key, mode, study.get("swept", [])))
 
 
 def _rank(trial: TrialRecord, rank_key: str, mode: str) -> tuple:
@@ -373,11 +373,18 @@ def _param_columns(trials: list[TrialRecord], swept) -> list[str]:
     return [n for n in swept if n in names] + sorted(names - set(swept))
 
 
-def _groups(best_first: list[TrialRecord], rank_key: str, mode: str) -> list[GroupSummary]:
+def _group_name(trial: TrialRecord, swept) -> str:
+    """The trial's group, plus any other swept parameter but the seed (e.g. a grid over
+    variant x gamma_l x seed groups by variant and gamma_l)."""
+    others = [name for name in swept if name not in ("seed", "variant")]
+    return ", ".join([trial.group] + [f"{name}={_cell(trial.params.get(name))}" for name in others])
+
+
+def _groups(best_first: list[TrialRecord], rank_key: str, mode: str, swept=()) -> list[GroupSummary]:
     by_group: dict[str, list[TrialRecord]] = {}
     for trial in best_first:
         if trial.status != "ERROR" and trial.value(rank_key) is not None:
-            by_group.setdefault(trial.group, []).append(trial)
+            by_group.setdefault(_group_name(trial, swept), []).append(trial)
     if not any(len({t.params.get("seed") for t in group if "seed" in t.params}) > 1 for group in by_group.values()):
         return []
     summaries = []

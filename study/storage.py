@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -27,7 +28,20 @@ def is_uri(path: str) -> bool:
 
 
 def join(base: str, *names: str) -> str:
+    """base/name/...; a URI keeps its query (e.g. s3://bucket/studies?endpoint_override=...)."""
+    if is_uri(base):
+        parts = urlsplit(base)
+        return urlunsplit(parts._replace(path="/".join([parts.path.rstrip("/"), *names])))
     return "/".join([str(base).rstrip("/"), *names])
+
+
+def split_uri(location: str) -> tuple[str, str]:
+    """(parent, name) of a path or URI, the inverse of join(parent, name)."""
+    if not is_uri(location):
+        return os.path.dirname(location), os.path.basename(location)
+    parts = urlsplit(location)
+    parent, _, name = parts.path.rstrip("/").rpartition("/")
+    return urlunsplit(parts._replace(path=parent)), name
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:

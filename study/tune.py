@@ -11,8 +11,6 @@ Each Tune trial is a small function that builds the trial's TrainConfig and spli
 Fixed points (e.g. the FixMatch baseline) run first and are kept out of Optuna's model.
 """
 
-import os
-
 from ray import tune
 from ray.tune.search import Searcher
 
@@ -20,6 +18,7 @@ from data_prep.parquet import open_dataset
 from data_prep.splits import SplitSpec, load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, planned_trials, trial_overrides
+from study.storage import join, split_uri
 from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit
 
@@ -192,7 +191,7 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     """A Tuner for the study (new), ready to fit."""
     searcher, param_space = build_searcher(config, space)
     trainable = _trainable(config, study_dir, cluster_cpus)
-    num_samples = (config.search.num_samples if searcher is None else planned_trials(config, space))
+    num_samples = 1 if searcher is None else planned_trials(config, space)  # a grid's repeats are in its seeds
     tune_config = tune.TuneConfig(
         metric=config.scheduler.metric, mode=config.scheduler.mode, search_alg=searcher,
         scheduler=build_scheduler(config), num_samples=num_samples,
@@ -201,8 +200,9 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     )
     # In-trial runs restart from the trial's last checkpoint; TorchTrainer runs restart inside Train.
     failures = tune.FailureConfig(max_failures=MAX_FAILURES if config.resources.in_trial() else 0)
-    run_config = tune.RunConfig(name=os.path.basename(study_dir), storage_path=os.path.dirname(study_dir),
-                                failure_config=failures)
+    storage, name = split_uri(study_dir)
+    run_config = tune.RunConfig(name=name, storage_path=storage,
+                                failure_config=failures, checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -220,7 +220,7 @@ def _trainable(config: StudyConfig, study_dir: str, cluster_cpus: float):
         "config": config.to_dict(),
         "resources": resources,
         "in_trial": config.resources.in_trial(),
-        "train_runs": os.path.join(study_dir, "train_runs"),
+        "train_runs": join(study_dir, "train_runs"),
         "max_failures": MAX_FAILURES,
     }
     if study["in_trial"]:

@@ -194,6 +194,15 @@ def run_loop(config: TrainConfig, context: LoopContext, data: dict, num_classes:
         writer.close()
 
 
+def _tensorboard_dir(storage_path: str, name: str) -> str | None:
+    """Where rank 0 writes TensorBoard events: under the run on a local (or file://) storage; on
+    object storage none (Tune's own logger still records every reported metric there)."""
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        print(f"note: no TensorBoard events are written to {storage_path.split('://')[0]}:// storage", file=sys.stderr)
+        return None
+    return os.path.join(storage_path.removeprefix("file://"), name, "tensorboard")
+
+
 def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path="results", name=None,
         max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None, check_resources=True):
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
@@ -228,7 +237,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
                                     "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {
         "train": config.to_dict(), "classes": info.num_classes, "image_shape": list(info.image_shape),
-        "tensorboard_dir": os.path.join(storage_path, name, "tensorboard") if tensorboard else None,
+        "tensorboard_dir": _tensorboard_dir(storage_path, name) if tensorboard else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

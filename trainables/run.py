@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -57,9 +58,11 @@ def main(argv=None):
 
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False)
-        # A cluster given by --address may autoscale: its current size is no limit.
+        # A cluster (--address, or RAY_ADDRESS under `ray job submit`) may autoscale: its current
+        # size is no limit.
+        local_ray = address is None and not os.environ.get("RAY_ADDRESS")
         result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures,
-                     check_resources=address is None)
+                     check_resources=local_ray)
     except (TrainConfigError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -397,3 +397,15 @@ def test_trial_values_ignore_what_is_not_a_finite_number():
     trial = TrialRecord("t", {}, "RUNNING", [{"accuracy": math.nan, "gm": True, "step": 3, "class_accuracy/1": 0.5}])
     assert trial.value("accuracy") is None and trial.value("gm") is None and trial.steps == 3
     assert trial.class_accuracy[1] == 0.5 and math.isnan(trial.class_accuracy[0])
+
+
+def test_groups_over_seeds_keep_the_other_swept_parameters_apart():
+    def trial(i, variant, gamma_l, seed, accuracy):
+        return TrialRecord(f"t{i}", {"variant": variant, "gamma_l": gamma_l, "seed": seed, "label": "grid"},
+                           "TERMINATED", [{"step": 10, "accuracy_median_10": accuracy, "gm_median_10": accuracy}])
+
+    trials = [trial(0, "cadr", 10, 0, 0.9), trial(1, "cadr", 10, 1, 0.8), trial(2, "cadr", 50, 0, 0.5),
+              trial(3, "cadr", 50, 1, 0.7)]
+    groups = report_module._groups(trials, "accuracy_median_10", "max", ["variant", "gamma_l", "seed"])
+    assert [(g.name, g.seeds) for g in groups] == [("cadr, gamma_l=10", [0, 1]), ("cadr, gamma_l=50", [0, 1])]
+    assert groups[0].accuracy_mean == pytest.approx(0.85) and groups[1].accuracy_mean == pytest.approx(0.6)

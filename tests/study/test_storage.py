@@ -1,0 +1,40 @@
+"""Study storage paths and files, local and through pyarrow's filesystem (file:// URIs)."""
+
+import os
+
+import pytest
+
+from study.config import StudyError
+from study.storage import exists, join, make_dirs, newest_study, split_uri, write_bytes
+
+
+@pytest.mark.parametrize("base, joined", [
+    ("/data/studies", "/data/studies/s1"),
+    ("s3://bucket/studies/", "s3://bucket/studies/s1"),
+    ("s3://bucket", "s3://bucket/s1"),
+    ("s3://bucket/studies?endpoint_override=minio:9000", "s3://bucket/studies/s1?endpoint_override=minio:9000"),
+    ("file:///nfs/studies", "file:///nfs/studies/s1"),
+])
+def test_join_keeps_a_uris_query_and_split_undoes_it(base, joined):
+    assert join(base, "s1") == joined
+    assert split_uri(joined) == (base.rstrip("/"), "s1")
+
+
+def test_files_go_through_the_uri_filesystem_whole(tmp_path):
+    storage = f"file://{tmp_path}/studies"
+    make_dirs(join(storage, "old"))
+    write_bytes(join(storage, "old", "study.json"), b"{}")
+    make_dirs(join(storage, "new"))
+    write_bytes(join(storage, "new", "study.json"), b'{"name": "new"}')
+    make_dirs(join(storage, "no-study"))
+    os.utime(tmp_path / "studies" / "old" / "study.json", (1_000_000_000, 1_000_000_000))
+    assert (tmp_path / "studies" / "new" / "study.json").read_bytes() == b'{"name": "new"}'
+    assert sorted(p.name for p in (tmp_path / "studies" / "new").iterdir()) == ["study.json"]  # no temp left
+    assert exists(join(storage, "old", "study.json")) and not exists(join(storage, "nope"))
+    assert newest_study(storage) == "new"
+    assert newest_study(f"file://{tmp_path}/empty") is None
+
+
+def test_an_unknown_scheme_is_a_study_error():
+    with pytest.raises(StudyError, match="storage nosuch://x cannot be opened"):
+        exists("nosuch://x")
