@@ -81,6 +81,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     parser.add_argument("--cadr", action="store_true", help="time ours with CAP+CAI+CADR (default: plain FixMatch loss)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top operators for one step of each")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -130,6 +132,14 @@ def main():
     for _ in range(args.rounds):
         ours_times.append(timed(ours))
         plain_times.append(timed(baseline))
+
+    if args.profile:
+        for name, step_fn in (("ours", ours), ("plain", baseline)):
+            with torch.profiler.profile() as profiler:
+                step_fn()
+                sync()
+            print(f"--- {name}: one step, top operators by total CPU time")
+            print(profiler.key_averages().table(sort_by="cpu_time_total", row_limit=12))
 
     images_per_step = n_labeled + 2 * n_unlabeled
     ours_ips = images_per_step / statistics.median(ours_times)

@@ -147,7 +147,7 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
     Returns detached 0-d tensors (total, labeled, unlabeled, cadr, mask_rate, lr, finite); reading
     them is the caller's choice, so the step itself never waits for the device.
     """
-    forward = forward or state.model
+    forward = state.model if forward is None else forward  # a compiled module has no truth value
     generator = state.generator
     labeled = to_unit_float(labeled_images)
     unlabeled = to_unit_float(unlabeled_images)
