@@ -81,6 +81,26 @@ def test_step_updates_weights_ema_prior_and_counter():
     assert bool(stats["finite"])
 
 
+def test_a_forward_without_a_truth_value_is_used_as_given():
+    # torch.compile's OptimizedModule raises on bool() for models without __len__.
+    class NoTruthValue(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+        def forward(self, x):
+            self.calls += 1
+            return self.model(x)
+
+    config, state = _state()
+    forward = NoTruthValue(state.model)
+    train_step(state, config, *_batch(), flip=False, forward=forward)
+    assert forward.calls == 1 and state.step == 1
+
+
 def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     config, state = _state(strong_augment="ctaugment", loss=LossConfig(cap=True))
     for _ in range(2):
