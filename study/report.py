@@ -357,7 +357,7 @@ def build_report(study_dir) -> Report:
         rank_key = metric  # a trainable that reports no medians
     ranked = sorted(trials, key=lambda t: _rank(t, rank_key, mode))
     return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, rank_key, ranked,
-                  _param_columns(trials, study.get("swept", [])), _groups(ranked, rank_key, mode, study.get("swept", [])))
+                  _param_columns(trials, study.get("swept", [])), _groups(ranked, rank_key, mode, _grid_parameters(study)))
 
 
 def _rank(trial: TrialRecord, rank_key: str, mode: str) -> tuple:
@@ -373,8 +373,13 @@ def _param_columns(trials: list[TrialRecord], swept) -> list[str]:
     return [n for n in swept if n in names] + sorted(names - set(swept))
 
 
+def _grid_parameters(study: dict) -> list[str]:
+    """The parameters the study ran as a grid (study.json describes each as 'each of {...}')."""
+    return [name for name, described in study.get("space", {}).items() if str(described).startswith("each of")]
+
+
 def _group_name(trial: TrialRecord, swept) -> str:
-    """The trial's group, plus any other swept parameter but the seed (e.g. a grid over
+    """The trial's group, plus any other grid parameter but the seed (e.g. a grid over
     variant x gamma_l x seed groups by variant and gamma_l)."""
     others = [name for name in swept if name not in ("seed", "variant")]
     return ", ".join([trial.group] + [f"{name}={_cell(trial.params.get(name))}" for name in others])

@@ -409,3 +409,11 @@ def test_groups_over_seeds_keep_the_other_swept_parameters_apart():
     groups = report_module._groups(trials, "accuracy_median_10", "max", ["variant", "gamma_l", "seed"])
     assert [(g.name, g.seeds) for g in groups] == [("cadr, gamma_l=10", [0, 1]), ("cadr, gamma_l=50", [0, 1])]
     assert groups[0].accuracy_mean == pytest.approx(0.85) and groups[1].accuracy_mean == pytest.approx(0.6)
+
+
+def test_grid_parameters_are_read_from_the_space_study_json_describes():
+    from search_spaces.spaces import Grid, Uniform
+
+    study = {"space": {"variant": Grid(("fixmatch", "cadr")).describe(), "gamma_l": Grid((10, 50)).describe(),
+                       "confidence": Uniform(0.7, 0.9).describe(), "seed": Grid((0, 1)).describe()}}
+    assert report_module._grid_parameters(study) == ["variant", "gamma_l", "seed"]
