@@ -7,7 +7,8 @@ import time
 from data_prep.errors import DataPrepError
 from data_prep.parquet import default_data_root, open_dataset, write_dataset
 from data_prep.readers import DATASETS, get_reader
-from data_prep.splits import KINDS, SplitSpec, describe_counts, imbalance, load_split, make_split, save_split
+from data_prep.splits import (KINDS, VALID_KINDS, SplitSpec, describe_counts, imbalance, load_split, make_split,
+                              save_split)
 
 
 def convert(dataset, source=None, data_root=None, *, overwrite=False, **options):
@@ -52,14 +53,17 @@ def _cmd_info(args):
     print(f"{'total':>{width}} " + " ".join(f"{v['count']:>9}" for v in splits.values()))
     for path in sorted((info.path / "splits").glob("*.json")):
         split = load_split(info, path.stem, create=False)
+        valid = (f", {len(split.valid_indices)} validation [{describe_counts(split.valid_counts)}]"
+                 if split.has_validation else ", no validation")
         print(f"split {split.name}: {len(split.labeled_indices)} labeled "
-              f"[{describe_counts(split.labeled_counts)}], {len(split.unlabeled_indices)} unlabeled")
+              f"[{describe_counts(split.labeled_counts)}], {len(split.unlabeled_indices)} unlabeled{valid}")
 
 
 def _cmd_split(args):
     info = open_dataset(args.dataset, args.data_root)
     spec = SplitSpec(args.kind, args.seed, n_max=args.n_max, size=args.size, gamma_l=args.gamma_l,
-                     gamma_u=args.gamma_u, allow_repeat=args.allow_repeat)
+                     gamma_u=args.gamma_u, allow_repeat=args.allow_repeat, valid_size=args.valid_size,
+                     valid_kind=args.valid_kind)
     split = make_split(info, spec, name=args.name)
     path = save_split(info, split)
     print(f"wrote {path}")
@@ -67,6 +71,11 @@ def _cmd_split(args):
           f"imbalance {imbalance(split.labeled_counts):.1f}")
     print(f"unlabeled {len(split.unlabeled_indices):>7} per class [{describe_counts(split.unlabeled_counts)}]"
           + (f" + {split.unlabeled_without_label} without labels" if split.unlabeled_without_label else ""))
+    if split.has_validation:
+        print(f"validation {len(split.valid_indices):>6} per class [{describe_counts(split.valid_counts)}] "
+              f"({split.spec.valid_kind}; never used for training)")
+    else:
+        print("validation      none (a study on this split selects on the test split)")
 
 
 def _cmd_list(args):
@@ -109,6 +118,12 @@ def build_parser():
     p.add_argument("--gamma-l", type=float, help="lt: labeled imbalance ratio (>= 1)")
     p.add_argument("--gamma-u", type=float, help="lt: unlabeled imbalance ratio (< 1 inverts the tail)")
     p.add_argument("--allow-repeat", action="store_true", help="let classes repeat rows when short")
+    p.add_argument("--valid-size", type=int, default=0,
+                   help="training rows set aside for validation, never trained on (default 0: none; "
+                        "fewer than the classes means none)")
+    p.add_argument("--valid-kind", choices=VALID_KINDS, default="balanced",
+                   help="balanced: valid-size / C rows per class; labeled: in the labeled set's class "
+                        "proportions (default: balanced)")
     p.add_argument("--name", help="split name (default: original-style name, e.g. cifar10_LT_50.1@50)")
 
     command("list", _cmd_list, "known datasets and whether they are converted")

@@ -28,12 +28,15 @@ def resolve(dataset, split, data_root=None, *, verify=True) -> tuple[DatasetInfo
 
 @dataclass
 class SSLArrays:
-    """A split's data in memory: images uint8 (N, H, W, C), labels int64."""
+    """A split's data in memory: images uint8 (N, H, W, C), labels int64. The validation arrays are
+    empty when the split has no validation set."""
 
     labeled_images: np.ndarray
     labeled_labels: np.ndarray
     unlabeled_images: np.ndarray
     unlabeled_labels: np.ndarray  # true labels for diagnostics only; -1 where a row has none
+    valid_images: np.ndarray
+    valid_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: list[str]
@@ -70,9 +73,11 @@ def load_arrays(dataset, split, data_root=None, *, verify=True) -> SSLArrays:
     _, test_images, test_labels = _decoded(info.path, info.checksum, ("test",))
     labeled = _rows(pool_index, split.labeled_indices)
     unlabeled = _rows(pool_index, split.unlabeled_indices)
+    valid = _rows(pool_index, split.valid_indices)
     return SSLArrays(
         pool_images[labeled], pool_labels[labeled],
         pool_images[unlabeled], pool_labels[unlabeled],
+        pool_images[valid], pool_labels[valid],
         test_images, test_labels, list(info.meta["classes"]),
     )
 
@@ -105,8 +110,9 @@ class _DecodeImages:
 
 
 def ray_datasets(dataset, split, data_root=None, *, verify=True) -> dict:
-    """Ray Data datasets {"labeled", "unlabeled", "test"} with columns index, image (uint8 H x W x C),
-    label. Reading is lazy; each is ready to pass to a TorchTrainer's `datasets=`."""
+    """Ray Data datasets {"labeled", "unlabeled", "valid", "test"} with columns index, image (uint8
+    H x W x C), label ("valid" only when the split has a validation set). Reading is lazy; each is
+    ready to pass to a TorchTrainer's `datasets=`."""
     import ray.data
 
     info, split = resolve(dataset, split, data_root, verify=verify)
@@ -120,4 +126,7 @@ def ray_datasets(dataset, split, data_root=None, *, verify=True) -> dict:
         return rows.map_batches(decode, batch_format="pyarrow")
 
     test = ray.data.read_parquet([str(f) for f in info.files("test")]).map_batches(decode, batch_format="pyarrow")
-    return {"labeled": select(split.labeled_indices), "unlabeled": select(split.unlabeled_indices), "test": test}
+    datasets = {"labeled": select(split.labeled_indices), "unlabeled": select(split.unlabeled_indices), "test": test}
+    if split.has_validation:
+        datasets["valid"] = select(split.valid_indices)
+    return datasets

@@ -10,16 +10,24 @@ Kinds:
 
 Labeled rows are ordered as in the original create_split.py: each next row comes from the class
 furthest behind its target share, so any prefix of the list follows the target distribution.
-Names in the original style are accepted: `cifar10_LT_50.1@50-1` is cifar10, kind lt,
-gamma_l 50, seed 1, n_max 50 (the trailing -1, a validation size, is ignored).
+
+A split may set aside a validation set (docs/method.md, "Validation"): `valid_size` training rows,
+disjoint from the labeled rows and removed from the unlabeled pool, drawn either `balanced`
+(valid_size / C per class) or `labeled` (in the labeled set's own class proportions). Fewer rows
+than classes means no validation set, as the original's `-1` did.
+
+Names in the original style are accepted: `cifar10_LT_50.1@50-5000` is cifar10, kind lt,
+gamma_l 50, seed 1, n_max 50, 5,000 balanced validation rows; `...@50-500labeled` draws the
+validation rows in the labeled proportions; `...@50-1` (or no suffix) has no validation set.
 """
 
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +35,9 @@ import numpy as np
 from data_prep.errors import DataPrepError
 from data_prep.parquet import DatasetInfo, current_umask, read_split
 
-SPLIT_FORMAT_VERSION = 1
+SPLIT_FORMAT_VERSION = 2  # 2 added the validation set; version 1 files load as splits without one
 KINDS = ("mcar", "lt", "rand")
+VALID_KINDS = ("balanced", "labeled")
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,14 @@ class SplitSpec:
     gamma_l: float | None = None  # lt: labeled imbalance ratio (>= 1)
     gamma_u: float | None = None  # lt: unlabeled imbalance ratio (< 1 inverts the tail)
     allow_repeat: bool = False  # let a class repeat rows when asked for more than it has
+    valid_size: int = 0  # validation rows set aside; fewer than the classes means none
+    valid_kind: str = "balanced"  # balanced: valid_size / C per class; labeled: the labeled proportions
 
     def __post_init__(self):
+        for name in ("n_max", "size", "seed", "valid_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise DataPrepError(f"{name} must be an integer, got {value!r}")
         if self.kind not in KINDS:
             raise DataPrepError(f"unknown split kind '{self.kind}' (known: {', '.join(KINDS)})")
         if self.kind == "mcar" and (self.size is None or self.size < 1):
@@ -52,36 +67,51 @@ class SplitSpec:
             raise DataPrepError(f"gamma_l must be >= 1 (got {self.gamma_l})")
         if self.gamma_u is not None and (self.kind != "lt" or not self.gamma_u > 0):
             raise DataPrepError("gamma_u must be > 0 and is only for lt splits")
+        for name in ("gamma_l", "gamma_u"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise DataPrepError(f"{name} must be a finite number, got {value!r}")
+        if self.valid_size < 0:
+            raise DataPrepError(f"valid_size must be >= 0, got {self.valid_size}")
+        if self.valid_kind not in VALID_KINDS:
+            raise DataPrepError(f"unknown validation kind '{self.valid_kind}' (known: {', '.join(VALID_KINDS)})")
 
     def default_name(self, dataset) -> str:
         if self.kind == "mcar":
-            return f"{dataset}.{self.seed}@{self.size}"
-        if self.kind == "rand":
-            return f"{dataset}_rand.{self.seed}@{self.n_max}"
-        unlabeled = f"_u{self.gamma_u:g}" if self.gamma_u is not None else ""
-        return f"{dataset}_LT_{self.gamma_l:g}{unlabeled}.{self.seed}@{self.n_max}"
+            name = f"{dataset}.{self.seed}@{self.size}"
+        elif self.kind == "rand":
+            name = f"{dataset}_rand.{self.seed}@{self.n_max}"
+        else:
+            unlabeled = f"_u{self.gamma_u:g}" if self.gamma_u is not None else ""
+            name = f"{dataset}_LT_{self.gamma_l:g}{unlabeled}.{self.seed}@{self.n_max}"
+        if self.valid_size:
+            name += f"-{self.valid_size}" + ("labeled" if self.valid_kind == "labeled" else "")
+        return name
 
 
 _ALIAS = re.compile(
     r"^(?P<dataset>[A-Za-z0-9]+?)"
     r"(?:_(?P<rand>rand)|_LT_(?P<gamma_l>\d+(?:\.\d+)?)(?:_u(?P<gamma_u>\d+(?:\.\d+)?))?)?"
-    r"\.(?P<seed>\d+)@(?P<size>\d+)(?:-\d+)?$"
+    r"\.(?P<seed>\d+)@(?P<size>\d+)(?:-(?P<valid_size>\d+)(?P<valid_labeled>labeled)?)?$"
 )
 
 
 def parse_split_name(name) -> tuple[str, SplitSpec] | None:
-    """`cifar10_LT_50.1@50-1` -> ("cifar10", SplitSpec(lt, seed 1, n_max 50, gamma_l 50)); None if
-    the name is not in the original style. Dataset names are matched case-insensitively."""
+    """`cifar10_LT_50.1@50-5000` -> ("cifar10", SplitSpec(lt, seed 1, n_max 50, gamma_l 50,
+    valid_size 5000)); None if the name is not in the original style. Dataset names are matched
+    case-insensitively."""
     match = _ALIAS.match(name)
     if match is None:
         return None
     dataset, seed, size = match["dataset"].lower(), int(match["seed"]), int(match["size"])
+    valid = {"valid_size": int(match["valid_size"] or 0),
+             "valid_kind": "labeled" if match["valid_labeled"] else "balanced"}
     if match["rand"]:
-        return dataset, SplitSpec("rand", seed, n_max=size)
+        return dataset, SplitSpec("rand", seed, n_max=size, **valid)
     if match["gamma_l"]:
         gamma_u = float(match["gamma_u"]) if match["gamma_u"] else None
-        return dataset, SplitSpec("lt", seed, n_max=size, gamma_l=float(match["gamma_l"]), gamma_u=gamma_u)
-    return dataset, SplitSpec("mcar", seed, size=size)
+        return dataset, SplitSpec("lt", seed, n_max=size, gamma_l=float(match["gamma_l"]), gamma_u=gamma_u, **valid)
+    return dataset, SplitSpec("mcar", seed, size=size, **valid)
 
 
 # --- per-class counts -------------------------------------------------------------------------
@@ -135,6 +165,12 @@ class Split:
     unlabeled_counts: list[int]
     unlabeled_without_label: int  # rows of the pool that have no label at all (STL-10)
     dataset_checksum: str
+    valid_indices: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    valid_counts: list[int] = field(default_factory=list)  # [] when the split has no validation set
+
+    @property
+    def has_validation(self) -> bool:
+        return len(self.valid_indices) > 0
 
     def to_json(self) -> dict:
         return {
@@ -148,16 +184,22 @@ class Split:
             "dataset_checksum": self.dataset_checksum,
             "labeled_indices": self.labeled_indices.tolist(),
             "unlabeled_indices": self.unlabeled_indices.tolist(),
+            "valid_counts": self.valid_counts,
+            "valid_indices": self.valid_indices.tolist(),
         }
 
     @classmethod
     def from_json(cls, data) -> "Split":
-        spec = SplitSpec(**{k: data[k] for k in SplitSpec.__dataclass_fields__})
+        if data.get("format_version") not in (1, SPLIT_FORMAT_VERSION):
+            raise ValueError(f"format version {data.get('format_version')}, expected {SPLIT_FORMAT_VERSION}")
+        # Version 1 files predate validation sets: their specs lack the valid_* fields (defaults).
+        spec = SplitSpec(**{k: data[k] for k in SplitSpec.__dataclass_fields__ if k in data})
         return cls(
             data["name"], data["dataset"], spec,
             np.asarray(data["labeled_indices"], np.int64), np.asarray(data["unlabeled_indices"], np.int64),
             data["labeled_counts"], data["unlabeled_counts"], data["unlabeled_without_label"],
-            data["dataset_checksum"],
+            data["dataset_checksum"], np.asarray(data.get("valid_indices", []), np.int64),
+            data.get("valid_counts", []),
         )
 
 
@@ -175,6 +217,7 @@ def make_split(info: DatasetInfo, spec: SplitSpec, name=None) -> Split:
     indices, labels = _pool_labels(info)
     rng = np.random.default_rng(spec.seed)
     class_rows = [rng.permutation(indices[labels == c]) for c in range(num_classes)]
+    permutations = class_rows  # kept whole: validation rows come after each class's labeled ones
     available = np.array([len(rows) for rows in class_rows])
 
     if spec.kind == "mcar":
@@ -203,18 +246,60 @@ def make_split(info: DatasetInfo, spec: SplitSpec, name=None) -> Split:
     labeled = interleaved_order(class_rows, targets, total)
     label_of = dict(zip(indices.tolist(), labels.tolist()))
     labeled_counts = np.bincount([label_of[i] for i in labeled], minlength=num_classes)
+    valid = _validation_rows(permutations, labeled, labeled_counts, spec, info)
 
     if spec.gamma_u is None:
         unlabeled = np.sort(indices)
     else:
         unlabeled = _long_tail_pool(indices, labels, set(labeled.tolist()), spec, rng, num_classes, info)
-    unlabeled_labels = np.array([label_of[i] for i in unlabeled])
+    unlabeled = unlabeled[~np.isin(unlabeled, valid)]  # validation rows never reach training
+    unlabeled_labels = np.array([label_of[i] for i in unlabeled.tolist()], np.int64)
     unlabeled_counts = np.bincount(unlabeled_labels[unlabeled_labels >= 0], minlength=num_classes)
+    valid_counts = np.bincount([label_of[i] for i in valid.tolist()], minlength=num_classes) if len(valid) else []
     return Split(
         name or spec.default_name(info.name), info.name, spec, labeled, unlabeled,
         labeled_counts.tolist(), unlabeled_counts.tolist(), int((unlabeled_labels < 0).sum()),
-        info.checksum,
+        info.checksum, valid, [int(c) for c in valid_counts],
     )
+
+
+def validation_counts(spec: SplitSpec, labeled_counts, num_classes) -> np.ndarray:
+    """Validation rows per class; all zero when valid_size < num_classes (no validation set).
+
+    balanced: valid_size // C per class, the remainder one each to the first classes.
+    labeled:  valid_size apportioned in the labeled counts' proportions (largest remainder), with
+              at least one row per class so every class's recall is defined.
+    """
+    size = spec.valid_size
+    if size < num_classes:
+        return np.zeros(num_classes, np.int64)
+    if spec.valid_kind == "balanced":
+        return size // num_classes + (np.arange(num_classes) < size % num_classes).astype(np.int64)
+    weights = np.asarray(labeled_counts, np.float64)
+    counts = np.ones(num_classes, np.int64)
+    share = (size - num_classes) * weights / weights.sum()
+    counts += np.floor(share).astype(np.int64)
+    remainder = size - counts.sum()
+    # Largest remainders first; ties go to the lower class.
+    order = sorted(range(num_classes), key=lambda c: (-(share[c] - np.floor(share[c])), c))
+    counts[order[:remainder]] += 1
+    return counts
+
+
+def _validation_rows(permutations, labeled, labeled_counts, spec, info) -> np.ndarray:
+    """Each class's validation rows: the first rows of its permutation that are not labeled."""
+    counts = validation_counts(spec, labeled_counts, info.num_classes)
+    if not counts.any():
+        return np.empty(0, np.int64)
+    rows = []
+    for c, (permutation, wanted) in enumerate(zip(permutations, counts)):
+        free = permutation[~np.isin(permutation, labeled)]
+        if wanted > len(free):
+            raise DataPrepError(
+                f"class {c} needs {wanted} validation rows but {info.name} has only {len(free)} training rows "
+                f"left after the labeled ones (lower valid_size)")
+        rows.append(free[:wanted])
+    return np.sort(np.concatenate(rows))
 
 
 def _long_tail_pool(indices, labels, labeled, spec, rng, num_classes, info) -> np.ndarray:
@@ -281,7 +366,7 @@ def load_split(info: DatasetInfo, name, *, create=True) -> Split:
         return split
     try:
         split = Split.from_json(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataPrepError(f"{path}: not a valid split file ({exc})") from None
     if split.dataset != info.name:
         raise DataPrepError(f"split '{name}' belongs to dataset '{split.dataset}', not '{info.name}'")

@@ -1,5 +1,5 @@
-"""Specification of the Ray Data path (loading.ray_datasets): the labeled, unlabeled and test
-datasets hold exactly the split's rows, as many times as the split lists them, with the same
+"""Specification of the Ray Data path (loading.ray_datasets): the labeled, unlabeled, validation
+and test datasets hold exactly the split's rows, as many times as the split lists them, with the same
 images and labels as load_arrays. One local Ray instance serves the whole module."""
 
 import numpy as np
@@ -40,7 +40,9 @@ def check_split(data_root, dataset, split_name):
     arrays = load_arrays(dataset, split_name, data_root)
     _, split = resolve(dataset, split_name, data_root)
     datasets = ray_datasets(dataset, split_name, data_root)
-    assert sorted(datasets) == ["labeled", "test", "unlabeled"]
+    assert sorted(datasets) == ["labeled", "test", "unlabeled"] + (["valid"] if split.has_validation else [])
+    if split.has_validation:
+        assert_same_rows(datasets["valid"], split.valid_indices, arrays.valid_images, arrays.valid_labels)
     assert_same_rows(datasets["labeled"], split.labeled_indices, arrays.labeled_images, arrays.labeled_labels)
     assert_same_rows(datasets["unlabeled"], split.unlabeled_indices, arrays.unlabeled_images, arrays.unlabeled_labels)
     assert_same_rows(datasets["test"], np.arange(len(arrays.test_labels)), arrays.test_images, arrays.test_labels)
@@ -63,3 +65,6 @@ def test_ray_datasets_hold_a_subset_pool_read_from_many_files_and_row_groups(loc
     assert len(synth.info.files("train")) == 3
     save_split(synth.info, make_split(synth.info, SplitSpec("lt", 4, n_max=40, gamma_l=10, gamma_u=5), "sub"))
     check_split(tmp_path, "synth", "sub")
+    spec = SplitSpec("lt", 4, n_max=40, gamma_l=10, gamma_u=5, valid_size=50, valid_kind="labeled")
+    save_split(synth.info, make_split(synth.info, spec, "sub-valid"))
+    check_split(tmp_path, "synth", "sub-valid")

@@ -195,9 +195,9 @@ def test_allow_repeat_reuses_rows_only_when_a_class_is_short(synth):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("cifar10_LT_50.1@50-1", ("cifar10", SplitSpec("lt", 1, n_max=50, gamma_l=50.0))),
+    ("cifar10_LT_50.1@50-1", ("cifar10", SplitSpec("lt", 1, n_max=50, gamma_l=50.0, valid_size=1))),
     ("cifar10_LT_50.1@50", ("cifar10", SplitSpec("lt", 1, n_max=50, gamma_l=50.0))),
-    ("cifar10.1@40-1", ("cifar10", SplitSpec("mcar", 1, size=40))),
+    ("cifar10.1@40-1", ("cifar10", SplitSpec("mcar", 1, size=40, valid_size=1))),
     ("cifar100_LT_10.3@150", ("cifar100", SplitSpec("lt", 3, n_max=150, gamma_l=10.0))),
     ("cifar10_LT_100_u0.01.2@1500", ("cifar10", SplitSpec("lt", 2, n_max=1500, gamma_l=100.0, gamma_u=0.01))),
     ("stl10_rand.4@30", ("stl10", SplitSpec("rand", 4, n_max=30))),
@@ -223,8 +223,8 @@ def test_load_split_creates_an_alias_split_on_demand_and_saves_it(synth):
     assert not path.exists()
     split = load_split(synth.info, "synth_LT_10.2@30-1")
     assert path.is_file()
-    assert split.spec == SplitSpec("lt", 2, n_max=30, gamma_l=10.0)
-    assert split.labeled_counts == exact_long_tail(30, 10, 10)
+    assert split.spec == SplitSpec("lt", 2, n_max=30, gamma_l=10.0, valid_size=1)  # one row: no validation set
+    assert split.labeled_counts == exact_long_tail(30, 10, 10) and not split.has_validation
     again = load_split(synth.info, "synth_LT_10.2@30-1")
     assert again.to_json() == split.to_json() == json.loads(path.read_text())
 
