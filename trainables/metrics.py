@@ -1,5 +1,5 @@
-"""Evaluation metrics: top-1 accuracy, per-class accuracy (recall), their geometric mean (GM),
-and a tracker that reports the last value and the medians over the last 10 and 20 evaluations,
+"""Evaluation metrics: top-1 accuracy, per-class accuracy (recall), their geometric mean (GM) and
+arithmetic mean (balanced accuracy), and a tracker that reports the last value and the medians over the last 10 and 20 evaluations,
 as the paper does. Accuracies are fractions in [0, 1]. Inputs may be torch tensors or numpy
 arrays; pure functions, no I/O.
 """
@@ -80,6 +80,17 @@ def geometric_mean_accuracy(per_class: Any, num_classes: int) -> float:
         return float("nan")
     present = np.where(present == 0.0, 1.0 / (100.0 * num_classes), present)
     return float(np.exp(np.mean(np.log(present))))
+
+
+def balanced_accuracy(per_class: Any) -> float:
+    """Mean of the per-class recalls over the classes present (NaN entries skipped).
+
+    Unlike top-1 accuracy it does not depend on how many rows each class has, so it estimates
+    accuracy on a class-balanced test set even from an imbalanced evaluation set. NaN if no
+    class is present."""
+    values = _as_numpy(per_class).astype(np.float64).reshape(-1)
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else float("nan")
 
 
 class MetricTracker:

@@ -80,8 +80,11 @@ def _materialize(shard, image_shape) -> dict:
 
 def _progress_line(metrics, total_steps, width=30) -> str:
     done = int(width * metrics["step"] / total_steps)
-    return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} "
-            f"acc {metrics['accuracy']:.4f} gm {metrics['gm']:.4f} loss {metrics.get('loss/total', nan):.4f} "
+    valid = (f"valid bal-acc {metrics['valid_balanced_accuracy']:.4f} " if "valid_balanced_accuracy" in metrics
+             else "")
+    return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} {valid}"
+            f"test acc {metrics['test_accuracy']:.4f} gm {metrics['test_gm']:.4f} "
+            f"loss {metrics.get('loss/total', nan):.4f} "
             f"mask {metrics.get('mask_rate', nan):.3f} {metrics.get('images_per_second', nan):.0f} img/s")
 
 
@@ -113,16 +116,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           rank=train_context.get_world_rank(), world_size=train_context.get_world_size())
     image_shape = tuple(loop_config["image_shape"])
     data = {"labeled": _materialize(ray.train.get_dataset_shard("labeled"), image_shape),
-            "unlabeled": _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape),
-            "test": _materialize(ray.train.get_dataset_shard("test"), image_shape) if context.rank == 0 else None}
+            "unlabeled": _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape)}
+    if context.rank == 0:  # only rank 0 evaluates
+        for split in ("valid", "test") if loop_config.get("has_valid") else ("test",):
+            data[split] = _materialize(ray.train.get_dataset_shard(split), image_shape)
     run_loop(TrainConfig.from_dict(loop_config["train"]), context, data, loop_config["classes"], image_shape,
              tensorboard_dir=loop_config.get("tensorboard_dir"))
 
 
 def run_loop(config: TrainConfig, context: LoopContext, data: dict, num_classes: int, image_shape,
              tensorboard_dir=None) -> None:
-    """Train from `data` ({"labeled", "unlabeled", "test"}: {"image", "label"} numpy arrays; "test"
-    only on rank 0), evaluating, checkpointing and reporting every `eval_every` steps."""
+    """Train from `data` ({"labeled", "unlabeled", "valid", "test"}: {"image", "label"} numpy arrays;
+    "valid" and "test" only on rank 0, "valid" only with a validation set), evaluating,
+    checkpointing and reporting every `eval_every` steps."""
     rank, world_size, device = context.rank, context.world_size, context.device
     state = build_state(config, num_classes, image_shape, device)
     if context.restored is not None:
@@ -140,7 +146,8 @@ def run_loop(config: TrainConfig, context: LoopContext, data: dict, num_classes:
         state.model = ray.train.torch.prepare_model(state.model, move_to_device=False)
         collective = DistributedCollective()
 
-    labeled, unlabeled, test = data["labeled"], data["unlabeled"], data["test"]
+    labeled, unlabeled = data["labeled"], data["unlabeled"]
+    eval_sets = {split: (data[split]["image"], data[split]["label"]) for split in ("valid", "test") if data.get(split)}
     labeled_images = torch.from_numpy(labeled["image"]).to(device)
     labeled_labels = torch.from_numpy(labeled["label"]).to(device)
     unlabeled_images = torch.from_numpy(unlabeled["image"]).to(device)
@@ -162,8 +169,7 @@ def run_loop(config: TrainConfig, context: LoopContext, data: dict, num_classes:
         # report() copies the checkpoint into the run's storage; the local copy goes afterwards.
         with tempfile.TemporaryDirectory(prefix="fixmatch-ckpt-") as directory:
             if rank == 0:
-                metrics = evaluation_metrics(state, config, test["image"], test["label"], num_classes, device,
-                                             running)
+                metrics = evaluation_metrics(state, config, eval_sets, num_classes, device, running)
                 torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
                 checkpoint = context.checkpoint_class.from_directory(directory)
                 if writer is not None:
@@ -237,6 +243,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
                                     "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {
         "train": config.to_dict(), "classes": info.num_classes, "image_shape": list(info.image_shape),
+        "has_valid": split.has_validation,
         "tensorboard_dir": _tensorboard_dir(storage_path, name) if tensorboard else None,
     }
     trainer = TorchTrainer(

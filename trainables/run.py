@@ -13,8 +13,9 @@ from trainables.config import LossConfig, TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.ray_train import Resources, fit
 
-SUMMARY_KEYS = ("step", "accuracy", "gm", "accuracy_median_10", "accuracy_median_20", "gm_median_10",
-                "gm_median_20", "loss/total", "mask_rate", "images_per_second")
+SUMMARY_KEYS = ("step", *(f"{split}_{name}{window}" for split in ("valid", "test")
+                          for name in ("accuracy", "balanced_accuracy", "gm") for window in ("", "_median_10")),
+                "loss/total", "mask_rate", "images_per_second")
 
 
 def build_parser():
@@ -73,7 +74,7 @@ def main(argv=None):
     print("final metrics:")
     for key in SUMMARY_KEYS:
         if key in metrics:
-            print(f"  {key:<20} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"  {key:<20} {metrics[key]}")
+            print(f"  {key:<34} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"  {key:<34} {metrics[key]}")
     print(f"run directory: {result.path}")
     return 0
 

@@ -21,7 +21,8 @@ from trainables.augment import create_strong_augmentation, weak_augment
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.losses import LocalCollective, compute_losses, global_mean
-from trainables.metrics import MetricTracker, accuracy, geometric_mean_accuracy, per_class_accuracy
+from trainables.metrics import (MetricTracker, accuracy, balanced_accuracy, geometric_mean_accuracy,
+                                per_class_accuracy)
 from trainables.models import create_model, weight_decay_parameters
 
 class TrainingDiverged(RuntimeError):
@@ -216,15 +217,20 @@ def predict(model, images, device, *, batch_size=1024, channels_last=True) -> to
 
 
 def evaluate(model, images, labels, num_classes, device, **kwargs) -> dict:
-    """Top-1 accuracy, per-class accuracy and their geometric mean, as plain floats."""
+    """Top-1 accuracy, per-class accuracy, their geometric mean (GM) and their mean (balanced
+    accuracy), as plain floats."""
     predictions = predict(model, images, device, **kwargs).cpu()
     labels = torch.tensor(labels).cpu()  # a copy: arrays from Arrow may be read-only
     per_class = per_class_accuracy(predictions, labels, num_classes)
     return {
         "accuracy": float(accuracy(predictions, labels)),
         "gm": float(geometric_mean_accuracy(per_class, num_classes)),
+        "balanced_accuracy": balanced_accuracy(per_class),
         "per_class_accuracy": [float(a) for a in per_class],
     }
+
+
+EVALUATED = ("accuracy", "gm", "balanced_accuracy")  # tracked per evaluation split, with medians
 
 
 class EpochSampler:
@@ -270,18 +276,27 @@ class RunningStats:
 LOSS_KEYS = ("total", "labeled", "unlabeled", "cadr")
 
 
-def evaluation_metrics(state: TrainState, config: TrainConfig, test_images, test_labels, num_classes,
-                       device, running: RunningStats) -> dict:
-    """Evaluate the EMA model and return flat scalars: mean step statistics, accuracy, GM, their
-    medians over the last 10 / 20 evaluations, and per class accuracy and p_ema."""
+def evaluation_metrics(state: TrainState, config: TrainConfig, eval_sets: dict, num_classes, device,
+                       running: RunningStats) -> dict:
+    """Evaluate the EMA model on each evaluation split and return flat scalars.
+
+    eval_sets: {"valid": (images, labels), "test": (images, labels)}; a split with no rows is
+    skipped. Per split s: s_accuracy, s_gm, s_balanced_accuracy (this evaluation), their medians
+    over the last 10 / 20 evaluations (s_gm_median_10, ...) and s_class_accuracy/<c>; plus the
+    mean step statistics and p_ema/<c>."""
     metrics = {"step": state.step, **running.means(state.step)}
-    result = evaluate(state.ema_model, test_images, test_labels, num_classes, device,
-                      batch_size=config.eval_batch_size, channels_last=config.channels_last)
-    state.tracker.update({"accuracy": result["accuracy"], "gm": result["gm"]})
-    metrics.update(accuracy=result["accuracy"], gm=result["gm"])
+    current = {}
+    for split, (images, labels) in eval_sets.items():
+        if len(labels) == 0:
+            continue
+        result = evaluate(state.ema_model, images, labels, num_classes, device,
+                          batch_size=config.eval_batch_size, channels_last=config.channels_last)
+        current.update({f"{split}_{name}": result[name] for name in EVALUATED})
+        metrics.update({f"{split}_class_accuracy/{c}": a for c, a in enumerate(result["per_class_accuracy"])})
+    state.tracker.update(current)
+    metrics.update(current)
     for name, summary in state.tracker.summary().items():
         metrics.update({f"{name}_{key}": value for key, value in summary.items() if key != "last"})
-    metrics.update({f"class_accuracy/{c}": a for c, a in enumerate(result["per_class_accuracy"])})
     metrics.update({f"p_ema/{c}": p for c, p in enumerate(state.p_ema.tolist())})
     return metrics
 
@@ -316,11 +331,11 @@ def train(config: TrainConfig, *, progress=True, on_eval=None) -> dict:
         running.add(stats, images_per_step)
         bar.update(1)
         if state.step % config.eval_every == 0 or state.step == config.steps:
-            metrics = evaluation_metrics(state, config, data.test_images, data.test_labels, data.num_classes,
-                                         device, running)
+            eval_sets = {"valid": (data.valid_images, data.valid_labels), "test": (data.test_images, data.test_labels)}
+            metrics = evaluation_metrics(state, config, eval_sets, data.num_classes, device, running)
             running = RunningStats()
             history.append(metrics)
-            bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", gm=f"{metrics['gm']:.3f}")
+            bar.set_postfix(acc=f"{metrics['test_accuracy']:.3f}", gm=f"{metrics['test_gm']:.3f}")
             if on_eval is not None:
                 on_eval(metrics)
     bar.close()

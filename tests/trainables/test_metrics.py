@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainables.errors import TrainConfigError
-from trainables.metrics import (MetricTracker, accuracy, geometric_mean_accuracy,
+from trainables.metrics import (MetricTracker, accuracy, balanced_accuracy, geometric_mean_accuracy,
                                 per_class_accuracy)
 
 # Worked by hand: rows 0, 1, 3, 5 are right -> accuracy 4/6.
@@ -55,6 +55,22 @@ def test_geometric_mean_skips_absent_classes_but_floors_with_all_classes():
 def test_geometric_mean_from_hand_worked_per_class_accuracy():
     per_class = per_class_accuracy(PREDS, LABELS, num_classes=4)
     assert geometric_mean_accuracy(per_class, 4) == pytest.approx((1.0 * 0.5 * 0.5) ** (1 / 3))
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_the_present_classes():
+    per_class = per_class_accuracy(PREDS, LABELS, num_classes=4)
+    assert balanced_accuracy(per_class) == pytest.approx((1.0 + 0.5 + 0.5) / 3, abs=1e-15)
+    assert math.isnan(balanced_accuracy([np.nan, np.nan]))
+
+
+def test_balanced_accuracy_does_not_depend_on_how_many_rows_each_class_has():
+    # Class 0 repeated 10 times over: plain accuracy follows the head class, balanced accuracy not.
+    preds, labels = np.array(PREDS), np.array(LABELS)
+    head = labels == 0
+    heavy_preds = np.concatenate([preds] + [preds[head]] * 10)
+    heavy_labels = np.concatenate([labels] + [labels[head]] * 10)
+    assert accuracy(heavy_preds, heavy_labels) == pytest.approx(24 / 26)
+    assert balanced_accuracy(per_class_accuracy(heavy_preds, heavy_labels, 4)) == pytest.approx(2 / 3, abs=1e-15)
 
 
 def _evaluations(count):

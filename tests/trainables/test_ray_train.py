@@ -53,7 +53,8 @@ def digits_root(tmp_path_factory):
 
 
 def digits_config(root, **overrides) -> TrainConfig:
-    values = dict(dataset="digits", split="digits_LT_10.1@50", data_root=str(root), steps=40,
+    # With a validation set (100 balanced rows), so rank 0 evaluates two splits.
+    values = dict(dataset="digits", split="digits_LT_10.1@50-100", data_root=str(root), steps=40,
                   eval_every=EVAL_EVERY, batch_size=16, mu=2, loss=LossConfig(cap=True, cai=True, cadr=True))
     return TrainConfig(**{**values, **overrides})
 
@@ -106,10 +107,14 @@ def test_two_worker_training_on_digits_reports_per_class_metrics_checkpoints_and
     assert result.error is None
     metrics = result.metrics
     assert metrics["step"] == 40
-    for key in ("accuracy", "gm", "loss/total", "mask_rate"):
+    for key in ("loss/total", "mask_rate"):
         assert key in metrics, key
-    assert 0 <= metrics["gm"] <= metrics["accuracy"] <= 1
-    per_class = [f"class_accuracy/{c}" for c in range(NUM_CLASSES)]
+    for split in ("valid", "test"):
+        assert 0 <= metrics[f"{split}_gm"] <= metrics[f"{split}_balanced_accuracy"] <= 1
+        assert 0 <= metrics[f"{split}_accuracy"] <= 1
+    # A balanced validation set: plain accuracy is the mean of the per-class recalls.
+    assert metrics["valid_accuracy"] == pytest.approx(metrics["valid_balanced_accuracy"], abs=1e-12)
+    per_class = [f"{split}_class_accuracy/{c}" for split in ("valid", "test") for c in range(NUM_CLASSES)]
     prior = [f"p_ema/{c}" for c in range(NUM_CLASSES)]
     assert all(0 <= metrics[k] <= 1 for k in per_class)
     assert sum(metrics[k] for k in prior) == pytest.approx(1.0, abs=1e-5)
@@ -118,7 +123,7 @@ def test_two_worker_training_on_digits_reports_per_class_metrics_checkpoints_and
     assert first_run["last_state"]["step"] == 40
     # Rank 0 wrote every reported scalar at every report, per class included.
     written = first_run["scalars"]
-    for key in ("step", "accuracy", "gm", *per_class, *prior):
+    for key in ("step", "valid_balanced_accuracy", "test_accuracy", "test_gm", *per_class, *prior):
         assert sorted(written.get(key, {})) == [20, 40], key
         assert written[key][40] == pytest.approx(metrics[key], rel=1e-6, abs=1e-7), key
 
@@ -164,8 +169,8 @@ def test_resuming_a_run_continues_at_the_saved_step_with_its_state(first_run):
     # run's evaluations, its schedule counts from 40.
     final = load_state(Path(result.checkpoint.path) / CHECKPOINT_FILE)
     assert final["step"] == 80 and final["scheduler"]["last_epoch"] == 80
-    first_accuracies = [first_run["scalars"]["accuracy"][s] for s in (20, 40)]
-    history = final["tracker"]["history"]["accuracy"]
+    first_accuracies = [first_run["scalars"]["test_accuracy"][s] for s in (20, 40)]
+    history = final["tracker"]["history"]["test_accuracy"]
     assert len(history) == 4
     assert history[:2] == pytest.approx(first_accuracies, rel=1e-6)
 
