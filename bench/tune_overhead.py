@@ -57,7 +57,7 @@ def run_direct(trials: int, steps: int, data_root: str) -> None:
         config = TrainConfig.from_dict({**train_settings(steps), "dataset": "digits", "split": split,
                                         "data_root": data_root, "seed": seed, "device": "cpu"})
         metrics = train(config, progress=False)["metrics"]
-        print(f"direct seed {seed}: accuracy {metrics['accuracy']:.4f}", flush=True)
+        print(f"direct seed {seed}: test accuracy {metrics['test_accuracy']:.4f}", flush=True)
 
 
 def study_config(trials: int, steps: int, trainer: str, concurrent: int) -> dict:
@@ -65,7 +65,7 @@ def study_config(trials: int, steps: int, trainer: str, concurrent: int) -> dict
         "dataset": "digits", "split": SPLIT, "train": train_settings(steps),
         "space": {"seed": {"grid": list(range(trials))}},
         "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": concurrent},
-        "scheduler": {"name": "none", "metric": "accuracy_median_10", "mode": "max"},
+        "metric": "test_accuracy_median_10", "scheduler": {"name": "none"},
         "resources": {"trainer": trainer},
     }
 

@@ -3,12 +3,15 @@
     name: digits-thresholds        # default: <dataset>-<space>-<time>
     storage: results               # a local path or any URI Ray accepts (s3://, gs://, NFS path)
     dataset: digits
-    split: {kind: lt, n_max: 50, gamma_l: 10, seed: 1}   # the base split; gamma_l/gamma_u may be swept
+    split: {kind: lt, n_max: 50, gamma_l: 10, seed: 1, valid_size: 200, valid_kind: balanced}
+                                   # the base split (gamma_l/gamma_u may be swept) and its validation set
     train: {model: cnn_small, steps: 300, cap: true, cai: true, cadr: true, ...}  # TrainConfig fields
     space: thresholds              # named spaces joined with '+', or a mapping {param: {uniform: [lo, hi]}}
     search: {algorithm: optuna, num_samples: 4, max_concurrent: 2, seed: 0, points_to_evaluate: [...],
              fixed_points: [{label: fixmatch, cap: false, cai: false, cadr: false}]}
-    scheduler: {name: asha, metric: accuracy, mode: max, grace_period: 2}
+    metric: valid_balanced_accuracy_median_10   # what the study searches, prunes and ranks on
+    mode: max                      # (default: this metric with a validation set, else its test_ twin)
+    scheduler: {name: asha, grace_period: 2}
     resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2, trainer: auto}
 """
 
@@ -18,14 +21,21 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.errors import DataPrepError
+from data_prep.splits import SplitSpec
 from search_spaces import SpaceError, get_space, validate_space
-from search_spaces.spaces import grid_size, is_grid, space_from_dict
+from search_spaces.spaces import Uniform, grid_size, is_grid, space_from_dict
 from trainables.config import TrainConfig
+from trainables.errors import TrainConfigError
 
 SCHEDULERS = ("asha", "median", "none")
 TRAINERS = ("auto", "torch_trainer", "in_trial")
 ALGORITHMS = ("optuna", "random", "grid")
-METRICS = ("accuracy", "gm", "accuracy_median_10", "gm_median_10", "accuracy_median_20", "gm_median_20")
+EVAL_SPLITS = ("valid", "test")
+MEASURES = ("accuracy", "gm", "balanced_accuracy")
+WINDOWS = ("", "_median_10", "_median_20")  # this evaluation, medians of the last 10 and 20
+METRICS = tuple(f"{split}_{measure}{window}" for split in EVAL_SPLITS for measure in MEASURES for window in WINDOWS)
+DEFAULT_METRIC = "balanced_accuracy_median_10"  # prefixed valid_ (or test_ without a validation set)
 
 
 class StudyError(ValueError):
@@ -40,6 +50,8 @@ class SplitConfig:
     gamma_u: float | None = None
     size: int | None = None
     seed: int = 1
+    valid_size: int = 0  # validation rows set aside (fewer than the classes: none; the study selects on test)
+    valid_kind: str = "balanced"  # balanced (valid_size / C per class) or labeled (the labeled proportions)
 
 
 @dataclass
@@ -55,8 +67,6 @@ class SearchConfig:
 @dataclass
 class SchedulerConfig:
     name: str = "asha"
-    metric: str = "accuracy"
-    mode: str = "max"
     grace_period: int = 2  # evaluations before a trial may be stopped: SSL needs time to start
 
 
@@ -84,6 +94,11 @@ class StudyConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: dict = field(default_factory=dict)
     space: object = "thresholds"
+    # The one number the study searches (Optuna), prunes (ASHA) and ranks (report) on. None: the
+    # validation split's balanced accuracy (median of the last 10 evaluations), or the test
+    # split's when the split has no validation set (with a warning: that winner is optimistic).
+    metric: str | None = None
+    mode: str = "max"
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
@@ -108,7 +123,7 @@ DEFAULT_STUDY = {
     # Digits with long-tailed labels: an Optuna sweep over the thresholds with CADR, plus the
     # FixMatch baseline and CADR at the paper's defaults as fixed points. Sized for a 2-core laptop.
     "dataset": "digits",
-    "split": {"kind": "lt", "n_max": 50, "gamma_l": 20, "seed": 1},
+    "split": {"kind": "lt", "n_max": 50, "gamma_l": 20, "seed": 1, "valid_size": 200, "valid_kind": "balanced"},
     "train": {"model": "cnn_small", "steps": 500, "eval_every": 50, "batch_size": 32, "mu": 3,
               "cap": True, "cai": True, "cadr": True},
     "space": "thresholds",
@@ -118,7 +133,7 @@ DEFAULT_STUDY = {
         "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False,
                           "confidence": 0.95, "cai_beta": 0.5}],
     },
-    "scheduler": {"name": "none", "metric": "accuracy", "mode": "max"},
+    "scheduler": {"name": "none"},
 }
 
 
@@ -129,6 +144,9 @@ def _section(cls, raw, name):
         raise StudyError(f"'{name}' must be a mapping")
     known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
+    if cls is SchedulerConfig and unknown & {"metric", "mode"}:
+        raise StudyError("scheduler.metric and scheduler.mode moved to the top level of the study config "
+                         "(`metric:` and `mode:`): the search, the scheduler and the report all use them")
     if unknown:
         raise StudyError(f"unknown key(s) in '{name}': {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
     return cls(**raw)
@@ -173,19 +191,67 @@ def _read_yaml(path) -> dict:
     return raw or {}
 
 
+SPLIT_PARAMETERS = ("gamma_l", "gamma_u")  # swept by cutting one split per value, not training options
+
+
+def split_spec(config: StudyConfig, params: dict | None = None) -> SplitSpec:
+    """The split of a trial: the study's base split with the trial's gamma_l / gamma_u."""
+    base, params = config.split, params or {}
+    return SplitSpec(base.kind, base.seed, n_max=base.n_max, size=base.size,
+                     gamma_l=params.get("gamma_l", base.gamma_l), gamma_u=params.get("gamma_u", base.gamma_u),
+                     valid_size=base.valid_size, valid_kind=base.valid_kind)
+
+
+def space_values(dist) -> list:
+    """The values of a distribution that bound what it can produce: every Choice / Grid value,
+    and both ends of a range (Optuna's float ranges include them)."""
+    return [dist.low, dist.high] if isinstance(dist, Uniform) else list(dist.values)
+
+
+def check_space_values(config: StudyConfig, space: dict) -> None:
+    """Every value the space can produce goes through the checks training (or the split) applies,
+    so a value a trial would reject fails here, naming the parameter."""
+    for name, dist in space.items():
+        if name in SPLIT_PARAMETERS and isinstance(dist, Uniform):
+            raise StudyError(f"space parameter {name}: use choice or grid values (each value gets its own split, "
+                             "cut before the study starts)")
+        for value in space_values(dist):
+            try:
+                if name in SPLIT_PARAMETERS:
+                    split_spec(config, {name: value})
+                else:
+                    config.train_config(trial_overrides({name: value}))
+            except (TrainConfigError, DataPrepError) as exc:
+                raise StudyError(f"space parameter {name}={value!r} would fail in training: {exc}") from None
+
+
+def _check_points(config: StudyConfig) -> None:
+    for kind, points in (("fixed_points", config.search.fixed_points),
+                         ("points_to_evaluate", config.search.points_to_evaluate)):
+        for point in points:
+            if not isinstance(point, dict):
+                raise StudyError(f"search.{kind}: a point must be a mapping, got {point!r}")
+            params = {k: v for k, v in point.items() if k != "label"}
+            try:
+                split_spec(config, params)
+                config.train_config(trial_overrides(params))
+            except (TrainConfigError, DataPrepError) as exc:
+                raise StudyError(f"search.{kind} entry {point}: {exc}") from None
+
+
 def validate(config: StudyConfig) -> dict:
     """Check everything that can be checked without Ray; returns the resolved space."""
     try:
         space = config.resolved_space()
         base = config.train_config()
+        split_spec(config)
         validate_space(space, {"cap": base.loss.cap, "cai": base.loss.cai, "cadr": base.loss.cadr})
-        for point in config.search.fixed_points + config.search.points_to_evaluate:
-            if not isinstance(point, dict):
-                raise StudyError(f"a search point must be a mapping, got {point!r}")
-            params = {k: v for k, v in point.items() if k != "label"}
-            config.train_config(trial_overrides(params))
     except SpaceError as exc:
         raise StudyError(str(exc)) from None
+    except DataPrepError as exc:
+        raise StudyError(f"split: {exc}") from None
+    check_space_values(config, space)
+    _check_points(config)
     search, scheduler = config.search, config.scheduler
     if search.algorithm not in ALGORITHMS:
         raise StudyError(f"search.algorithm must be one of {ALGORITHMS}, got {search.algorithm!r}")
@@ -206,10 +272,10 @@ def validate(config: StudyConfig) -> dict:
         space = _repeats_as_seeds(space, search.num_samples, config.train_config().seed)
     if scheduler.name not in SCHEDULERS:
         raise StudyError(f"scheduler.name must be one of {SCHEDULERS}, got {scheduler.name!r}")
-    if scheduler.metric not in METRICS:
-        raise StudyError(f"unknown metric '{scheduler.metric}' (known: {', '.join(METRICS)})")
-    if scheduler.mode not in ("max", "min"):
-        raise StudyError(f"scheduler.mode must be max or min, got {scheduler.mode!r}")
+    if config.metric is not None and config.metric not in METRICS:
+        raise StudyError(f"unknown metric '{config.metric}' (known: {', '.join(METRICS)})")
+    if config.mode not in ("max", "min"):
+        raise StudyError(f"mode must be max or min, got {config.mode!r}")
     if config.resources.trainer not in TRAINERS:
         raise StudyError(f"unknown resources.trainer {config.resources.trainer!r}; choose from {', '.join(TRAINERS)}")
     if config.resources.trainer == "in_trial" and config.resources.num_workers != 1:
@@ -217,6 +283,21 @@ def validate(config: StudyConfig) -> dict:
     if config.resources.trial_cpus <= 0:
         raise StudyError("resources.trial_cpus must be > 0 (the trial that drives the trainer needs a reservation)")
     return space
+
+
+def select_metric(config: StudyConfig, has_validation: bool) -> str | None:
+    """Fix the study's metric (config.metric) now that it is known whether the split has a
+    validation set. Returns a warning line when the study selects on the test split, else None."""
+    if config.metric is None:
+        config.metric = f"{'valid' if has_validation else 'test'}_{DEFAULT_METRIC}"
+    if config.metric.startswith("valid_") and not has_validation:
+        raise StudyError(f"metric {config.metric} needs a validation set, but the split has none: set "
+                         "split.valid_size (at least the number of classes), or select on a test_ metric")
+    if config.metric.startswith("valid_"):
+        return None
+    why = "the split has no validation set" if not has_validation else f"the metric is {config.metric}"
+    return (f"warning: this study selects its winner on the test split ({why}), so the winner's test number "
+            "is optimistic; set split.valid_size and a valid_ metric to select on validation")
 
 
 def _repeats_as_seeds(space: dict, repeats: int, base_seed: int) -> dict:
@@ -235,7 +316,7 @@ def trial_overrides(params: dict) -> dict:
     (gamma_l, gamma_u) are not training options and are left out."""
     from search_spaces import VARIANTS
 
-    out = {k: v for k, v in params.items() if k not in ("variant", "gamma_l", "gamma_u", "label")}
+    out = {k: v for k, v in params.items() if k not in ("variant", "label", *SPLIT_PARAMETERS)}
     if "variant" in params:
         out.update(VARIANTS[params["variant"]])
     return out

@@ -24,7 +24,7 @@ from data_prep import DataPrepError
 from data_prep.parquet import default_data_root
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
-from study.config import StudyError, default_name, load, planned_trials, validate
+from study.config import StudyError, default_name, load, planned_trials, select_metric, validate
 from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, write_bytes
 from trainables.errors import TrainConfigError
 
@@ -39,7 +39,9 @@ def build_parser():
     parser.add_argument("--num-samples", type=int, help="searched trials (grid spaces: grid repeats)")
     parser.add_argument("--max-concurrent", type=int, help="trials running at once")
     parser.add_argument("--scheduler", choices=("asha", "median", "none"), help="early stopping")
-    parser.add_argument("--metric", help="metric to optimise (accuracy, gm, accuracy_median_10, ...)")
+    parser.add_argument("--metric", help="what the study searches, prunes and ranks on (default: "
+                        "valid_balanced_accuracy_median_10; any {valid,test}_{accuracy,gm,balanced_accuracy}"
+                        "[_median_10|_median_20])")
     parser.add_argument("--storage", help="where studies live: a local path or a URI Ray accepts")
     parser.add_argument("--name", help="study name (default: <dataset>-<space>-<time>)")
     parser.add_argument("--num-workers", type=int, help="data-parallel workers per trial")
@@ -56,7 +58,7 @@ def build_parser():
 def _overrides(args) -> dict:
     return {
         "space": args.space, "search.num_samples": args.num_samples, "search.max_concurrent": args.max_concurrent,
-        "scheduler.name": args.scheduler, "scheduler.metric": args.metric, "storage": args.storage,
+        "scheduler.name": args.scheduler, "metric": args.metric, "storage": args.storage,
         "name": args.name, "resources.num_workers": args.num_workers, "resources.use_gpu": args.use_gpu,
         "address": args.address, "data_root": args.data_root, "train.steps": args.steps,
     }
@@ -92,9 +94,11 @@ def _versions() -> dict:
 
 
 def write_study_json(study_dir, config, space, info, splits) -> None:
-    """study.json: the resolved config, versions, dataset and split checksums (atomic write)."""
+    """study.json: the resolved config, the metric the study selects on, versions, dataset and split
+    checksums (atomic write)."""
     record = {
         "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metric": config.metric, "mode": config.mode, "selected_on": config.metric.split("_", 1)[0],
         "config": config.to_dict(), "swept": list(space),
         "space": {name: dist.describe() for name, dist in space.items()},
         "versions": _versions(),
@@ -118,8 +122,8 @@ def print_plan(config, space, study_dir) -> None:
         print(f"  first searched point: {point}")
     for name, dist in space.items():
         print(f"  search {name}: {dist.describe()}")
-    print(f"at most {config.search.max_concurrent} at once, scheduler {config.scheduler.name}, "
-          f"optimising {config.scheduler.metric} ({config.scheduler.mode})")
+    print(f"at most {config.search.max_concurrent} at once, scheduler {config.scheduler.name}; "
+          f"searches, prunes and ranks on {config.metric} ({config.mode})")
 
 
 def check_local_resources(config, cluster: dict) -> None:
@@ -155,6 +159,9 @@ def _run(args) -> int:
     from study.tune import prepare_splits
 
     splits = prepare_splits(config, space)
+    warning = select_metric(config, has_validation=all(s["valid"] > 0 for s in splits.values()))
+    if warning:
+        print(warning, file=sys.stderr)
     if args.dry_run:
         print_plan(config, space, study_dir)
         print("dry run: nothing was trained")

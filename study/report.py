@@ -9,9 +9,12 @@ results yet is listed last, and a result line cut in half is skipped. Every outp
 to a temporary file and renamed into place, so a report being rebuilt never looks complete
 while it is half-written.
 
-Trials are ranked by the study's metric (scheduler.metric in study.json, default accuracy) as a
-median over the last 10 evaluations, as the paper reports it. Accuracy and GM are fractions in
-the CSV (as reported) and percentages in the markdown.
+Trials are ranked by the study's metric (`metric` in study.json, by default the validation
+split's balanced accuracy, median of the last 10 evaluations): the same number the search
+optimised and the scheduler pruned on. The report gives the test metrics of the trial chosen on
+validation beside it; a study that selected on the test split says so in its first lines.
+Accuracy, GM and balanced accuracy are fractions in the CSV (as reported) and percentages in the
+markdown.
 """
 
 import argparse
@@ -34,7 +37,12 @@ from search_spaces import VARIANTS
 from study.config import StudyError
 
 FLAGS = ("cap", "cai", "cadr")
-METRIC_COLUMNS = ("accuracy", "accuracy_median_10", "accuracy_median_20", "gm", "gm_median_10", "gm_median_20")
+EVAL_SPLITS = ("valid", "test")
+MEASURES = ("accuracy", "gm", "balanced_accuracy")
+# report.csv's metric columns -> the reported key (`_last` is the value at the last evaluation).
+METRIC_COLUMNS = {f"{split}_{measure}_{window}": f"{split}_{measure}" + ("" if window == "last" else f"_{window}")
+                  for split in EVAL_SPLITS for measure in MEASURES for window in ("last", "median_10", "median_20")}
+LEGACY_METRIC = "test_balanced_accuracy_median_10"  # studies whose study.json names no metric
 STATUSES = ("TERMINATED", "RUNNING", "PENDING", "PAUSED", "ERROR")
 TAIL_CLASSES = 3  # the paper's ablation table reports the last (rarest) classes
 METHOD_NAMES = {  # (cap, cai, cadr) -> the paper's name
@@ -109,11 +117,11 @@ class TrialRecord:
 
     @property
     def class_accuracy(self) -> list[float]:
-        """Last per-class accuracies, class 0 first (NaN where a class was not reported)."""
-        indices = [int(k.split("/", 1)[1]) for k in self.last if re.fullmatch(r"class_accuracy/\d+", k)]
+        """Last per-class test accuracies, class 0 first (NaN where a class was not reported)."""
+        indices = [int(k.split("/", 1)[1]) for k in self.last if re.fullmatch(r"test_class_accuracy/\d+", k)]
         if not indices:
             return []
-        values = [self.value(f"class_accuracy/{c}") for c in range(max(indices) + 1)]
+        values = [self.value(f"test_class_accuracy/{c}") for c in range(max(indices) + 1)]
         return [math.nan if v is None else v for v in values]
 
 
@@ -250,20 +258,16 @@ def _subdirs(study_dir: Path) -> list[Path]:
 
 # --- the report ------------------------------------------------------------------------------
 
-
 @dataclass
 class GroupSummary:
-    """One method over seeds: mean and sample std (n - 1) of the median-10 accuracy and GM,
-    and the accuracy of the tail classes (last TAIL_CLASSES classes, last evaluation): their mean,
-    and each one's mean over seeds."""
+    """One configuration over seeds: the mean of the study's metric (what ranks the groups), mean
+    and sample std (n - 1) of each median-10 test measure, and the test accuracy of the tail classes
+    (last TAIL_CLASSES classes, last evaluation): their mean, and each one's mean over seeds."""
 
     name: str
     trials: list[TrialRecord]
-    score: float  # mean of the ranking key
-    accuracy_mean: float
-    accuracy_std: float | None
-    gm_mean: float
-    gm_std: float | None
+    score: float  # mean of the study's metric
+    test: dict[str, tuple[float, float | None]]  # measure -> (mean, std) of test_<measure>_median_10
     tail_accuracy_mean: float | None
     tail_class_accuracy: dict[int, float]  # class index -> mean over seeds
 
@@ -285,15 +289,23 @@ class Report:
     study_dir: Path
     name: str
     study: dict  # study.json ({} for a plain Tune experiment)
-    metric: str
+    metric: str  # what the study searched, pruned and ranks on
     mode: str
-    rank_key: str  # the metric's median over the last 10 evaluations (the metric, if never reported)
     trials: list[TrialRecord]  # best first; ERROR trials after the others, trials without results last
     param_columns: list[str]
-    groups: list[GroupSummary]  # best first; [] unless some method ran with several seeds
+    groups: list[GroupSummary]  # best first; [] unless some configuration ran with several seeds
 
     def score(self, trial: TrialRecord) -> float | None:
-        return trial.value(self.rank_key)
+        return trial.value(self.metric)
+
+    @property
+    def selected_on_test(self) -> bool:
+        return self.metric.startswith("test_")
+
+    @property
+    def test_twin(self) -> str:
+        """The study's metric measured on the test split (itself when it selected on test)."""
+        return "test_" + self.metric.split("_", 1)[1]
 
     @property
     def ranked(self) -> list[TrialRecord]:
@@ -305,6 +317,15 @@ class Report:
         return self.ranked[0] if self.ranked else None
 
     @property
+    def best_on_test(self) -> TrialRecord | None:
+        """The trial the study would have picked had it ranked on the test split instead."""
+        scored = [t for t in self.ranked if t.value(self.test_twin) is not None]
+        if not scored:
+            return None
+        sign = -1 if self.mode == "max" else 1
+        return min(scored, key=lambda t: sign * t.value(self.test_twin))
+
+    @property
     def baseline(self) -> TrialRecord | None:
         """The best FixMatch baseline trial, if the study ran one."""
         return next((t for t in self.ranked if t.is_baseline), None)
@@ -312,6 +333,10 @@ class Report:
     @property
     def swept(self) -> list[str]:
         return list(self.study.get("swept", []))
+
+    @property
+    def has_validation(self) -> bool:
+        return any("valid_accuracy" in result for trial in self.trials for result in trial.results)
 
     def counts(self) -> dict[str, int]:
         found = [t.status for t in self.trials]
@@ -332,10 +357,17 @@ class Report:
         for trial in self.trials:
             row = {"trial_id": trial.trial_id, "label": trial.label, "method": trial.method, **trial.flags}
             row.update({name: trial.params.get(name) for name in self.param_columns})
-            row.update({name: trial.value(name) for name in METRIC_COLUMNS})
+            row.update({column: trial.value(key) for column, key in METRIC_COLUMNS.items()})
             row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status, error=trial.error)
             rows.append(row)
         return rows
+
+
+def study_metric(study: dict) -> tuple[str, str]:
+    """(metric, mode) the study selected on, as study.json records them."""
+    config = study.get("config", {})
+    metric = study.get("metric") or config.get("metric") or LEGACY_METRIC
+    return metric, study.get("mode") or config.get("mode") or "max"
 
 
 def build_report(study_dir) -> Report:
@@ -348,20 +380,16 @@ def build_report(study_dir) -> Report:
     if not trials:
         what = "has no trials yet" if study else "is not a study directory (no study.json and no trial directories)"
         raise StudyError(f"{study_dir} {what}")
-    scheduler = study.get("config", {}).get("scheduler", {})
-    metric, mode = scheduler.get("metric", "accuracy"), scheduler.get("mode", "max")
+    metric, mode = study_metric(study)
     if mode not in ("max", "min"):
-        raise StudyError(f"{study_dir / 'study.json'}: scheduler.mode must be max or min, got {mode!r}")
-    rank_key = metric if re.search(r"_median_(10|20)$", metric) else f"{metric}_median_10"
-    if not any(rank_key in result for trial in trials for result in trial.results):
-        rank_key = metric  # a trainable that reports no medians
-    ranked = sorted(trials, key=lambda t: _rank(t, rank_key, mode))
-    return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, rank_key, ranked,
-                  _param_columns(trials, study.get("swept", [])), _groups(ranked, rank_key, mode, _grid_parameters(study)))
+        raise StudyError(f"{study_dir / 'study.json'}: mode must be max or min, got {mode!r}")
+    ranked = sorted(trials, key=lambda t: _rank(t, metric, mode))
+    return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, ranked,
+                  _param_columns(trials, study.get("swept", [])), _groups(ranked, metric, mode, _grid_parameters(study)))
 
 
-def _rank(trial: TrialRecord, rank_key: str, mode: str) -> tuple:
-    score = trial.value(rank_key)
+def _rank(trial: TrialRecord, metric: str, mode: str) -> tuple:
+    score = trial.value(metric)
     if score is None:
         return (2, 0.0)
     return (int(trial.status == "ERROR"), -score if mode == "max" else score)
@@ -385,24 +413,26 @@ def _group_name(trial: TrialRecord, swept) -> str:
     return ", ".join([trial.group] + [f"{name}={_cell(trial.params.get(name))}" for name in others])
 
 
-def _groups(best_first: list[TrialRecord], rank_key: str, mode: str, swept=()) -> list[GroupSummary]:
+def _groups(best_first: list[TrialRecord], metric: str, mode: str, swept=()) -> list[GroupSummary]:
     by_group: dict[str, list[TrialRecord]] = {}
     for trial in best_first:
-        if trial.status != "ERROR" and trial.value(rank_key) is not None:
+        if trial.status != "ERROR" and trial.value(metric) is not None:
             by_group.setdefault(_group_name(trial, swept), []).append(trial)
     if not any(len({t.params.get("seed") for t in group if "seed" in t.params}) > 1 for group in by_group.values()):
         return []
     summaries = []
     for name, trials in by_group.items():
-        accuracy = [t.value("accuracy_median_10") for t in trials]
-        gm = [t.value("gm_median_10") for t in trials]
+        test = {}
+        for measure in MEASURES:
+            values = [t.value(f"test_{measure}_median_10") for t in trials]
+            test[measure] = (_mean(values), _std(values))
         per_class = [t.class_accuracy for t in trials if t.class_accuracy]
         tails = [_mean(classes[-TAIL_CLASSES:]) for classes in per_class]
         num_classes = min((len(classes) for classes in per_class), default=0)
         tail_classes = range(max(num_classes - TAIL_CLASSES, 0), num_classes)
         summaries.append(GroupSummary(
             name, sorted(trials, key=lambda t: _seed_order(t.params.get("seed"))),
-            _mean([t.value(rank_key) for t in trials]), _mean(accuracy), _std(accuracy), _mean(gm), _std(gm),
+            _mean([t.value(metric) for t in trials]), test,
             _mean(tails) if tails else None, {c: _mean([classes[c] for classes in per_class]) for c in tail_classes}))
     return sorted(summaries, key=lambda g: -g.score if mode == "max" else g.score)
 
@@ -423,29 +453,31 @@ def _std(values) -> float | None:
 
 # --- text ------------------------------------------------------------------------------------
 
+COMPARED = ("test_accuracy_median_10", "test_gm_median_10")  # what "beat the baseline" is judged on
+
 
 def compare_to_baseline(best: TrialRecord, baseline: TrialRecord) -> str | None:
-    """One plain sentence: did the best trial beat the FixMatch baseline in median-10 accuracy
+    """One plain sentence: did the best trial beat the FixMatch baseline in median-10 test accuracy
     and GM (percentage points)? None if either lacks the numbers."""
-    keys = ("accuracy_median_10", "gm_median_10")
-    if any(t.value(k) is None for t in (best, baseline) for k in keys):
+    if any(t.value(k) is None for t in (best, baseline) for k in COMPARED):
         return None
     if best.trial_id == baseline.trial_id:
         return f"The best trial is the FixMatch baseline itself ({baseline.trial_id}): no corrected trial beat it."
-    d_accuracy, d_gm = (best.value(k) - baseline.value(k) for k in keys)
+    d_accuracy, d_gm = (best.value(k) - baseline.value(k) for k in COMPARED)
     return _verdict(f"{best.method} (trial {best.trial_id})", f"the FixMatch baseline (trial {baseline.trial_id})",
-                    d_accuracy, d_gm, "median of the last 10 evaluations")
+                    d_accuracy, d_gm, "test, median of the last 10 evaluations")
 
 
 def compare_groups(best: GroupSummary, baseline: GroupSummary) -> str | None:
-    """The same sentence over seeds, on the groups' mean median-10 accuracy and GM."""
+    """The same sentence over seeds, on the groups' mean median-10 test accuracy and GM."""
     if best is baseline:
         return f"Over seeds, FixMatch ({len(baseline.trials)} seeds) is the best method: no correction beat it."
-    d_accuracy, d_gm = best.accuracy_mean - baseline.accuracy_mean, best.gm_mean - baseline.gm_mean
+    d_accuracy = best.test["accuracy"][0] - baseline.test["accuracy"][0]
+    d_gm = best.test["gm"][0] - baseline.test["gm"][0]
     if math.isnan(d_accuracy) or math.isnan(d_gm):
         return None
     return _verdict(f"Over seeds, {best.method} ({len(best.trials)} seeds)", f"FixMatch ({len(baseline.trials)} seeds)",
-                    d_accuracy, d_gm, "mean median-10")
+                    d_accuracy, d_gm, "test, mean median-10")
 
 
 def _verdict(who: str, baseline: str, d_accuracy: float, d_gm: float, basis: str) -> str:
@@ -456,31 +488,61 @@ def _verdict(who: str, baseline: str, d_accuracy: float, d_gm: float, basis: str
     return f"{who} did not beat {baseline}: {difference}"
 
 
+def _short(metric: str) -> str:
+    """valid_balanced_accuracy_median_10 -> 'valid bal-acc med10' (table headers)."""
+    split, rest = metric.split("_", 1)
+    for long, short in (("balanced_accuracy", "bal-acc"), ("accuracy", "acc"), ("gm", "GM"),
+                        ("_median_10", " med10"), ("_median_20", " med20")):
+        rest = rest.replace(long, short)
+    return f"{split} {rest}"
+
+
+def table_metrics(report: Report) -> list[str]:
+    """The metric columns of the markdown table: the study's metric first, then the test split's
+    median-10 measures (the validation ones too when the study had a validation set)."""
+    columns = [report.metric]
+    splits = ("valid", "test") if report.has_validation else ("test",)
+    columns += [f"{split}_{measure}_median_10" for split in splits for measure in MEASURES]
+    return list(dict.fromkeys(columns))
+
+
 def format_table(report: Report) -> str:
-    """The trials as a markdown table, best first (accuracy and GM in %)."""
-    header = ["#", "trial", "label", "method", *report.param_columns, "acc", "acc med10", "acc med20",
-              "GM", "GM med10", "GM med20", "steps", "wall s", "status"]
+    """The trials as a markdown table, best first (metrics in %)."""
+    metrics = table_metrics(report)
+    header = ["#", "trial", "label", "method", *report.param_columns, *map(_short, metrics), "steps", "wall s",
+              "status"]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     for rank, trial in enumerate(report.trials, 1):
         cells = [rank, trial.trial_id, trial.label, trial.method, *(trial.params.get(n) for n in report.param_columns),
-                 *(_percent(trial.value(n)) for n in METRIC_COLUMNS), trial.steps,
-                 _seconds(trial.wall_time_s), trial.status]
+                 *(_percent(trial.value(m)) for m in metrics), trial.steps, _seconds(trial.wall_time_s), trial.status]
         lines.append(_md_row(cells))
     return "\n".join(lines)
 
 
 def format_groups(report: Report) -> str:
-    """The ablation table: per method, mean ± std over seeds (%)."""
+    """The over-seeds table: per configuration, the mean of the study's metric and the test
+    measures as mean ± std over seeds (%)."""
     tail_classes = sorted({c for group in report.groups for c in group.tail_class_accuracy})
-    header = ["group", "method", "seeds", "acc med10 (mean ± std)", "GM med10 (mean ± std)",
-              f"tail-{TAIL_CLASSES} class acc (mean)", *(f"class {c} acc" for c in tail_classes)]
+    header = ["group", "method", "seeds", f"{_short(report.metric)} (mean)",
+              *(f"{_short(f'test_{m}_median_10')} (mean ± std)" for m in MEASURES),
+              f"test tail-{TAIL_CLASSES} class acc (mean)", *(f"class {c} acc" for c in tail_classes)]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     for group in report.groups:
-        lines.append(_md_row([group.name, group.method, ", ".join(map(_cell, group.seeds)),
-                              _mean_std(group.accuracy_mean, group.accuracy_std),
-                              _mean_std(group.gm_mean, group.gm_std), _percent(group.tail_accuracy_mean),
+        lines.append(_md_row([group.name, group.method, ", ".join(map(_cell, group.seeds)), _percent(group.score),
+                              *(_mean_std(*group.test[m]) for m in MEASURES),
+                              _percent(group.tail_accuracy_mean),
                               *(_percent(group.tail_class_accuracy.get(c)) for c in tail_classes)]))
     return "\n".join(lines)
+
+
+def selection_lines(report: Report) -> list[str]:
+    """How the winner was chosen, first thing in the report."""
+    if report.selected_on_test:
+        return ["**Selected on the test split**: the winner was chosen by its test score "
+                f"({report.metric}), so its number is optimistic; cut a validation set "
+                "(split.valid_size) to select on validation.", ""]
+    return [f"Selected on the validation split ({report.metric}); test numbers are reported beside it, "
+            "never used to choose.", ""]
 
 
 def format_markdown(report: Report) -> str:
@@ -490,19 +552,26 @@ def format_markdown(report: Report) -> str:
                                           if status == "TERMINATED" and early else "")
                        for status, n in report.counts().items())
     direction = "higher" if report.mode == "max" else "lower"
-    lines = [f"# Study {report.name}", ""]
+    lines = [f"# Study {report.name}", "", *selection_lines(report)]
     if study:
         lines.append(f"- Dataset: {_dataset(study)}")
         swept = f" (swept: {', '.join(report.swept)})" if report.swept else ""
         lines.append(f"- Search space: {_cell(config.get('space', '?'))}{swept}")
-    lines.append(f"- Ranked by: {report.rank_key} ({direction} is better); accuracy and GM in %")
+    lines.append(f"- Ranked by: {report.metric} ({direction} is better), the metric the search optimised "
+                 "and the scheduler pruned on; accuracy, GM and balanced accuracy in %")
     lines.append(f"- Trials: {len(report.trials)}: {counts}")
     best = report.best
     if best is None:
         lines.append("- Best: none yet (no trial has reported)")
     else:
-        lines.append(f"- Best: trial {best.trial_id} ({_describe(best, report)}): {_numbers(best, 'accuracy')}, "
-                     f"{_numbers(best, 'gm')}, {best.steps} steps, {_seconds(best.wall_time_s)} s")
+        lines.append(f"- Best: trial {best.trial_id} ({_describe(best, report)}): {report.metric} "
+                     f"{_percent(report.score(best))}; test {_numbers(best, 'test')}; {best.steps} steps, "
+                     f"{_seconds(best.wall_time_s)} s")
+        on_test = report.best_on_test
+        if not report.selected_on_test and on_test is not None:
+            same = "the same trial" if on_test is best else f"trial {on_test.trial_id} ({_describe(on_test, report)})"
+            lines.append(f"- Had the study ranked on {report.test_twin} instead, it would have picked {same}: "
+                         f"test {_numbers(on_test, 'test')}")
     baseline = report.baseline
     sentence = compare_to_baseline(best, baseline) if best and baseline else None
     if sentence:
@@ -512,9 +581,10 @@ def format_markdown(report: Report) -> str:
     lines += ["", "## Trials", "", format_table(report)]
     if report.groups:
         lines += ["", "## Over seeds", "", format_groups(report), "",
-                  ("Medians of the last 10 evaluations; std is the sample std over seeds; the tail is the "
-                  f"last {TAIL_CLASSES} classes (the rarest in a long-tailed split), at the last evaluation, "
-                  "averaged over seeds.")]
+                  (f"Configurations ranked by the mean of {report.metric} over seeds; test numbers are medians of "
+                   "the last 10 evaluations, mean ± sample std over seeds; the tail is the "
+                   f"last {TAIL_CLASSES} classes (the rarest in a long-tailed split), test split, at the last "
+                   "evaluation, averaged over seeds.")]
         baseline_group = next((g for g in report.groups if g.is_baseline), None)
         group_sentence = compare_groups(report.groups[0], baseline_group) if baseline_group else None
         if group_sentence:
@@ -546,9 +616,11 @@ def _describe(trial: TrialRecord, report: Report) -> str:
     return f"{label}{trial.method}" + (f", {params}" if params else "")
 
 
-def _numbers(trial: TrialRecord, name: str) -> str:
-    return (f"{name} {_percent(trial.value(name))} (median-10 {_percent(trial.value(name + '_median_10'))}, "
-            f"median-20 {_percent(trial.value(name + '_median_20'))})")
+def _numbers(trial: TrialRecord, split: str) -> str:
+    """'accuracy 91.0, GM 90.1, balanced accuracy 90.5 (medians of the last 10)'."""
+    values = ", ".join(f"{measure.replace('_', ' ').replace('gm', 'GM')} "
+                       f"{_percent(trial.value(f'{split}_{measure}_median_10'))}" for measure in MEASURES)
+    return f"{values} (medians of the last 10 evaluations)"
 
 
 def _percent(value) -> str:
@@ -638,7 +710,7 @@ def _history_figure(report: Report) -> Figure:
         running_best.append(better(running_best[-1], report.score(trial)) if running_best else report.score(trial))
     if x:
         axes.step(x, [100 * v for v in running_best], where="post", color="black", label="running best")
-    axes.set(xlabel="trial (creation order)", ylabel=f"{report.rank_key} (%)", title=f"Study history: {report.name}")
+    axes.set(xlabel="trial (creation order)", ylabel=f"{report.metric} (%)", title=f"Study history: {report.name}")
     axes.legend()
     return figure
 
@@ -655,7 +727,7 @@ def _param_figure(report: Report, name: str) -> Figure | None:
         if shown:
             axes.scatter([x for x, _ in shown], [100 * y for _, y in shown], marker="s" if baseline else "o",
                          label="FixMatch baseline" if baseline else "trial")
-    axes.set(xlabel=name, ylabel=f"{report.rank_key} (%)", title=f"{name} vs {report.rank_key}")
+    axes.set(xlabel=name, ylabel=f"{report.metric} (%)", title=f"{name} vs {report.metric}")
     axes.legend()
     return figure
 

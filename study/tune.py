@@ -15,9 +15,9 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from data_prep.parquet import open_dataset
-from data_prep.splits import SplitSpec, load_split, make_split, save_split, split_path
+from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
-from study.config import StudyConfig, StudyError, planned_trials, trial_overrides
+from study.config import StudyConfig, StudyError, planned_trials, split_spec, trial_overrides
 from study.storage import join, split_uri
 from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit
@@ -68,13 +68,6 @@ class FixedPointsFirst(Searcher):
 # --- splits -----------------------------------------------------------------------------------
 
 
-def split_spec(config: StudyConfig, params: dict) -> SplitSpec:
-    """The trial's split: the study's base split with the trial's gamma_l / gamma_u."""
-    base = config.split
-    return SplitSpec(base.kind, base.seed, n_max=base.n_max, size=base.size,
-                     gamma_l=params.get("gamma_l", base.gamma_l), gamma_u=params.get("gamma_u", base.gamma_u))
-
-
 def prepare_splits(config: StudyConfig, space: dict) -> dict:
     """Create (or check) every split the study can use, before any trial starts, so an imbalance
     the dataset cannot support fails here. Returns {split name: counts and dataset checksum} for study.json."""
@@ -94,7 +87,9 @@ def prepare_splits(config: StudyConfig, space: dict) -> dict:
                 split = make_split(info, spec)
                 save_split(info, split)
             splits[name] = {"labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
-                            "labeled_counts": split.labeled_counts, "dataset_checksum": split.dataset_checksum}
+                            "labeled_counts": split.labeled_counts, "valid": len(split.valid_indices),
+                            "valid_kind": split.spec.valid_kind if split.has_validation else None,
+                            "valid_counts": split.valid_counts, "dataset_checksum": split.dataset_checksum}
     return splits
 
 
@@ -131,6 +126,7 @@ def train_in_trial(config: TrainConfig, use_gpu: bool) -> None:
     data = load_arrays(config.dataset, config.split, config.data_root, verify=False)
     arrays = {"labeled": {"image": data.labeled_images, "label": data.labeled_labels},
               "unlabeled": {"image": data.unlabeled_images, "label": data.unlabeled_labels},
+              "valid": {"image": data.valid_images, "label": data.valid_labels},
               "test": {"image": data.test_images, "label": data.test_labels}}
     context = LoopContext(device=device, report=tune.report, checkpoint_class=tune.Checkpoint,
                           restored=tune.get_checkpoint())
@@ -155,17 +151,17 @@ def build_searcher(config: StudyConfig, space: dict):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    search, scheduler = config.search, config.scheduler
+    search = config.search
     base = config.train_config().loss
     defaults = {"cap": base.cap, "cai": base.cai, "cadr": base.cadr}
     if search.algorithm == "grid":
         return None, {**to_tune(space), **defaults, "label": "grid"}
     sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
                else optuna.samplers.RandomSampler(seed=search.seed))
-    optuna_search = OptunaSearch(space=to_optuna(space), metric=scheduler.metric, mode=scheduler.mode,
+    optuna_search = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
                                  points_to_evaluate=list(search.points_to_evaluate) or None, sampler=sampler)
     fixed = [{"label": p.get("label", "fixed"), **p} for p in search.fixed_points]
-    return FixedPointsFirst(optuna_search, fixed, defaults, scheduler.metric, scheduler.mode), {}
+    return FixedPointsFirst(optuna_search, fixed, defaults, config.metric, config.mode), {}
 
 
 def build_scheduler(config: StudyConfig):
@@ -193,7 +189,7 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     trainable = _trainable(config, study_dir, cluster_cpus)
     num_samples = 1 if searcher is None else planned_trials(config, space)  # a grid's repeats are in its seeds
     tune_config = tune.TuneConfig(
-        metric=config.scheduler.metric, mode=config.scheduler.mode, search_alg=searcher,
+        metric=config.metric, mode=config.mode, search_alg=searcher,  # the scheduler prunes on it too
         scheduler=build_scheduler(config), num_samples=num_samples,
         max_concurrent_trials=config.search.max_concurrent, trial_dirname_creator=trial_dirname,
         reuse_actors=config.resources.in_trial(),  # keeps the decoded dataset between trials

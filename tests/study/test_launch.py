@@ -19,14 +19,15 @@ from study.launch import main
 
 TINY = {
     "dataset": "digits",
-    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1},
+    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
     "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
               "cap": True, "cai": True, "cadr": True},
     "space": "thresholds",
     "search": {"algorithm": "optuna", "num_samples": 1, "max_concurrent": 2, "seed": 0,
                "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False}]},
-    "scheduler": {"name": "none", "metric": "accuracy", "mode": "max"},
+    "scheduler": {"name": "asha", "grace_period": 2},  # 2 evaluations: ASHA stops no trial early
 }
+METRIC = "valid_balanced_accuracy_median_10"  # the default with a validation set
 
 
 def _config(tmp_path, **changes) -> str:
@@ -179,15 +180,31 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, t
     assert len(rows) == 2
     for row in rows:
         last = recorded[row["trial_id"]]
-        assert float(row["accuracy"]) == pytest.approx(last["accuracy"], abs=1e-6)
-        assert float(row["gm_median_10"]) == pytest.approx(last["gm_median_10"], abs=1e-6)
+        for split in ("valid", "test"):
+            for measure in ("accuracy", "gm", "balanced_accuracy"):
+                assert float(row[f"{split}_{measure}_last"]) == pytest.approx(last[f"{split}_{measure}"], abs=1e-6)
+                assert float(row[f"{split}_{measure}_median_10"]) == pytest.approx(
+                    last[f"{split}_{measure}_median_10"], abs=1e-6)
+    # Best first by the validation metric; the winner's test numbers stand beside it.
+    assert [float(r[METRIC]) for r in rows] == sorted((float(r[METRIC]) for r in rows), reverse=True)
     labels = sorted(row["label"] for row in rows)
     assert labels == ["fixmatch", "search"]
-    assert (study / "report.md").read_text().count("|") > 10
+    text = (study / "report.md").read_text()
+    winner = rows[0]
+    assert f"- Best: trial {winner['trial_id']} (" in text
+    assert (f"{METRIC} {100 * float(winner[METRIC]):.1f}; test accuracy "
+            f"{100 * float(winner['test_accuracy_median_10']):.1f}, GM {100 * float(winner['test_gm_median_10']):.1f}"
+            ) in text
+    assert text.count("|") > 10
     assert (study / "plots" / "history.png").stat().st_size > 0
     record = json.loads((study / "study.json").read_text())
     assert record["dataset"]["name"] == "digits" and record["swept"] == ["confidence", "cai_beta"]
     assert record["versions"]["ray"] == ray.__version__
+    assert (record["metric"], record["mode"], record["selected_on"]) == (METRIC, "max", "valid")
+    # What Tune itself recorded: the controller's metric, the searcher's, and the Tuner's, which
+    # the ASHA scheduler takes (it was given no metric of its own).
+    assert tune_recorded_metrics(study) == {"controller": METRIC, "searcher": (METRIC, "max"),
+                                            "scheduler": ("AsyncHyperBandScheduler", None, None), "tuner": (METRIC, "max")}
     assert f"tensorboard --logdir {study}" in out
     # A TorchTrainer trial keeps its Train run (and checkpoints) under train_runs/<trial id>;
     # an in-trial run checkpoints into its Tune trial directory.
@@ -196,6 +213,90 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, t
         assert train_runs == sorted(recorded)
     else:
         assert train_runs == [] and all(list(t.glob("checkpoint_*")) for t in trials)
+
+
+def tune_recorded_metrics(study: Path) -> dict:
+    """The metric (and mode) Tune's own saved state says the experiment optimised: the controller's
+    (experiment_state JSON), the Optuna searcher's (searcher state), and the Tuner's scheduler's."""
+    import pickle
+
+    state = json.loads(sorted(study.glob("experiment_state-*.json"))[-1].read_text())
+    with open(sorted(study.glob("searcher-state-*.pkl"))[-1], "rb") as f:
+        searcher = pickle.load(f)
+    with open(study / "tuner.pkl", "rb") as f:
+        tune_config = pickle.load(f)["_tune_config"]
+    return {"controller": state["runner_data"]["_metric"], "searcher": (searcher["_metric"], searcher["_mode"]),
+            "scheduler": (type(tune_config.scheduler).__name__, tune_config.scheduler._metric,
+                          tune_config.scheduler._mode),
+            "tuner": (tune_config.metric, tune_config.mode)}
+
+
+@pytest.mark.ray
+def test_a_study_without_a_validation_set_warns_once_and_its_report_says_it_selected_on_test(tmp_path):
+    config = _config(tmp_path, split={**TINY["split"], "valid_size": 0})
+    process = _launch(tmp_path, "on-test", config=config)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    warnings = [line for line in out.splitlines() if "selects its winner on the test split" in line]
+    assert warnings == ["warning: this study selects its winner on the test split (the split has no validation "
+                        "set), so the winner's test number is optimistic; set split.valid_size and a valid_ "
+                        "metric to select on validation"]
+    study = tmp_path / "studies" / "on-test"
+    record = json.loads((study / "study.json").read_text())
+    assert (record["metric"], record["selected_on"]) == ("test_balanced_accuracy_median_10", "test")
+    assert tune_recorded_metrics(study)["searcher"] == ("test_balanced_accuracy_median_10", "max")
+    lines = (study / "report.md").read_text().splitlines()
+    assert lines[2].startswith("**Selected on the test split**")
+    with open(study / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(row["valid_accuracy_median_10"] == "" for row in rows)
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    from data_prep.__main__ import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    prepare("digits", root)
+    return str(root)
+
+
+def test_a_valid_metric_on_a_split_without_validation_fails_before_ray(tmp_path, capsys, digits_root):
+    config = _config(tmp_path, split={**TINY["split"], "valid_size": 5})  # fewer rows than classes: none
+    _fails_before_ray(capsys, ["--config", config, "--metric", "valid_gm_median_10", "--storage", str(tmp_path),
+                               "--data-root", digits_root],
+                      "metric valid_gm_median_10 needs a validation set, but the split has none")
+
+
+def test_a_validation_request_the_dataset_cannot_supply_fails_before_ray(tmp_path, capsys, digits_root):
+    config = _config(tmp_path, split={**TINY["split"], "valid_size": 1500})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path), "--data-root", digits_root],
+                      "validation rows but digits has only")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"confidence": {"uniform": [0.0, 0.9]}},
+     "space parameter confidence=0.0 would fail in training: confidence must be in (0, 1], got 0.0"),
+    ({"cap_momentum": {"uniform": [0.9, 1.0]}},
+     "space parameter cap_momentum=1.0 would fail in training: cap_momentum must be in [0, 1), got 1.0"),
+    ({"lr": {"choice": [0.03, 0]}}, "space parameter lr=0 would fail in training: lr must be > 0, got 0"),
+    ({"upper": {"grid": [5.0, 0.0]}}, "space parameter upper=0.0 would fail in training: upper must be > 0"),
+    ({"gamma_l": {"uniform": [10, 50]}}, "space parameter gamma_l: use choice or grid values"),
+])
+def test_every_value_a_space_can_produce_is_checked_by_training_before_ray(tmp_path, capsys, space, message):
+    algorithm = "grid" if "grid" in str(space) else "optuna"
+    config = _config(tmp_path, space=space, search={**TINY["search"], "algorithm": algorithm,
+                                                    "fixed_points": [] if algorithm == "grid" else
+                                                    TINY["search"]["fixed_points"]})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)], message)
+
+
+@pytest.mark.parametrize("where", ["fixed_points", "points_to_evaluate"])
+def test_a_search_point_training_rejects_fails_before_ray_naming_it(tmp_path, capsys, where):
+    point = {"cai_beta": 0.5, "confidence": 0.0}  # YAML writes keys sorted
+    search = {**TINY["search"], where: [point]}
+    _fails_before_ray(capsys, ["--config", _config(tmp_path, search=search), "--storage", str(tmp_path)],
+                      f"search.{where} entry {point}: confidence must be in (0, 1], got 0.0")
 
 
 def _terminated_in_experiment_state(study: Path) -> list[str]:

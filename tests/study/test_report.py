@@ -24,12 +24,15 @@ EVALS, STEPS_PER_EVAL, NUM_CLASSES = 4, 10, 5
 BASE_ACCURACY = {"fixmatch": 0.60, "cap": 0.66, "cadr": 0.72}
 FAILING, STOPPED = ("cap", 1), ("cap", 0)  # (variant, seed)
 STOPPED_AFTER = 2  # evaluations
-# Best first by accuracy_median_10 (median of evaluations 1..4 = base + 0.01 seed + 0.05; the
-# stopped trial's median is over evaluations 1..2); the failed trial after all the others.
-EXPECTED_ORDER = [("cadr", 1), ("cadr", 0), ("cap", 0), ("fixmatch", 1), ("fixmatch", 0), ("cap", 1)]
+METRIC = "valid_balanced_accuracy_median_10"  # what the fake study selected on
+# Best first by the validation metric (median of evaluations 1..4 = base - 0.01 seed + 0.07; the
+# stopped trial's median is over evaluations 1..2); the failed trial after all the others. On the
+# test split the seeds rank the other way round: the test's own winner is ("cadr", 1).
+EXPECTED_ORDER = [("cadr", 0), ("cadr", 1), ("cap", 0), ("fixmatch", 0), ("fixmatch", 1), ("cap", 1)]
 
 
 def fake_accuracy(variant, seed, evaluation) -> float:
+    """Test accuracy; validation accuracy is base - 0.01 seed + 0.02 evaluation + 0.03."""
     return BASE_ACCURACY[variant] + 0.01 * seed + 0.02 * evaluation
 
 
@@ -38,19 +41,24 @@ def fake_training(config):
     from ray import tune
 
     variant, seed = config["variant"], config["seed"]
-    accuracies, gms = [], []
+    history = {}
     for evaluation in range(1, EVALS + 1):
         if (variant, seed) == FAILING and evaluation > 2:
             raise RuntimeError("loss became NaN on purpose")
         accuracy = fake_accuracy(variant, seed, evaluation)
-        gm = accuracy - 0.1 - (0.05 if variant == "fixmatch" else 0.0)
-        accuracies.append(accuracy)
-        gms.append(gm)
-        metrics = {"step": evaluation * STEPS_PER_EVAL, "accuracy": accuracy, "gm": gm,
-                   "loss/total": 1.0 / evaluation, "mask_rate": 0.5, "lr": 0.03, "images_per_second": 100.0}
-        for name, history in (("accuracy", accuracies), ("gm", gms)):
-            metrics.update({f"{name}_median_{w}": statistics.median(history[-w:]) for w in (10, 20)})
-        metrics.update({f"class_accuracy/{c}": accuracy + 0.1 - 0.05 * c for c in range(NUM_CLASSES)})
+        valid_accuracy = BASE_ACCURACY[variant] - 0.01 * seed + 0.02 * evaluation + 0.03
+        current = {
+            "test_accuracy": accuracy, "test_gm": accuracy - 0.1 - (0.05 if variant == "fixmatch" else 0.0),
+            "test_balanced_accuracy": accuracy - 0.02,
+            "valid_accuracy": valid_accuracy, "valid_gm": valid_accuracy - 0.08,
+            "valid_balanced_accuracy": valid_accuracy - 0.01,
+        }
+        metrics = {"step": evaluation * STEPS_PER_EVAL, "loss/total": 1.0 / evaluation, "mask_rate": 0.5,
+                   "lr": 0.03, "images_per_second": 100.0, **current}
+        for name, value in current.items():
+            history.setdefault(name, []).append(value)
+            metrics.update({f"{name}_median_{w}": statistics.median(history[name][-w:]) for w in (10, 20)})
+        metrics.update({f"test_class_accuracy/{c}": accuracy + 0.1 - 0.05 * c for c in range(NUM_CLASSES)})
         metrics.update({f"p_ema/{c}": 1.0 / NUM_CLASSES for c in range(NUM_CLASSES)})
         tune.report(metrics)
 
@@ -83,7 +91,7 @@ def study_dir(tmp_path_factory):
         tuner = tune.Tuner(
             tune.with_resources(fake_training, {"CPU": 0.2}),
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric="accuracy", mode="max", reuse_actors=True),
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), stop=stop_one_trial, verbose=0),
         )
         tuner.fit()
@@ -91,10 +99,10 @@ def study_dir(tmp_path_factory):
         ray.shutdown()
     path = storage / name
     study = {"name": name, "swept": ["confidence", "variant", "seed"], "versions": {"ray": ray.__version__},
-             "dataset": {"name": "digits"},
+             "dataset": {"name": "digits"}, "metric": METRIC, "mode": "max", "selected_on": "valid",
              "config": {"dataset": "digits", "split": {"kind": "lt", "n_max": 50, "gamma_l": 20, "seed": 1},
                         "train": {"steps": EVALS * STEPS_PER_EVAL}, "space": "ablation",
-                        "scheduler": {"name": "none", "metric": "accuracy", "mode": "max"}}}
+                        "metric": METRIC, "mode": "max", "scheduler": {"name": "none"}}}
     (path / "study.json").write_text(json.dumps(study))
     return path
 
@@ -137,25 +145,40 @@ def test_csv_rows_hold_exactly_what_tune_recorded(study_dir):
         last = lines[-1]
         for name in ("label", "variant", "seed", "confidence", "cap", "cai", "cadr"):
             assert row[name] == str(params[name]), name
-        for name in report_module.METRIC_COLUMNS:
-            assert float(row[name]) == last[name], name
+        for column, key in report_module.METRIC_COLUMNS.items():
+            assert float(row[column]) == last[key], column
+    for column in ("valid_accuracy_median_10", "valid_gm_median_10", "valid_balanced_accuracy_median_10",
+                   "test_accuracy_median_10", "test_gm_median_10", "test_balanced_accuracy_median_10",
+                   "valid_accuracy_last", "test_gm_median_20"):
+        assert column in rows[0], column
         assert int(row["steps"]) == last["step"]
         assert float(row["wall_time_s"]) == last["time_total_s"]
 
 
-def test_trials_are_ranked_best_first_by_median_accuracy_and_failed_trials_last(study_dir):
+def test_trials_are_ranked_best_first_by_the_validation_metric_and_failed_trials_last(study_dir):
     write_report(study_dir)
     assert [(row["variant"], int(row["seed"])) for row in read_csv(study_dir)] == EXPECTED_ORDER
 
 
 def test_ranking_follows_the_mode_of_the_study_metric(study_copy):
     study = json.loads((study_copy / "study.json").read_text())
-    study["config"]["scheduler"] = {"metric": "gm", "mode": "min"}
+    study.update(metric="test_gm_median_10", mode="min")
     (study_copy / "study.json").write_text(json.dumps(study))
     report = build_report(study_copy)
-    assert report.rank_key == "gm_median_10"
+    assert report.metric == "test_gm_median_10"
     assert [key_of(t.params) for t in report.trials] == [
         ("fixmatch", 0), ("fixmatch", 1), ("cap", 0), ("cadr", 0), ("cadr", 1), FAILING]
+
+
+def test_a_study_that_selected_on_test_says_so_in_its_first_lines(study_copy):
+    study = json.loads((study_copy / "study.json").read_text())
+    study.update(metric="test_balanced_accuracy_median_10", selected_on="test")
+    (study_copy / "study.json").write_text(json.dumps(study))
+    write_report(study_copy)
+    head = (study_copy / "report.md").read_text().splitlines()[:3]
+    assert head[0] == "# Study fake-ablation" and head[1] == ""
+    assert head[2].startswith("**Selected on the test split**: the winner was chosen by its test score "
+                              "(test_balanced_accuracy_median_10), so its number is optimistic")
 
 
 def test_statuses_come_from_tunes_experiment_state(study_dir):
@@ -208,29 +231,34 @@ def test_header_states_plainly_whether_the_best_trial_beat_the_fixmatch_baseline
     report = write_report(study_dir)
     text = (study_dir / "report.md").read_text()
     by_key = {key_of(params): (trial_id, lines[-1]) for trial_id, (params, lines) in recorded(study_dir).items()}
-    best_id, best = by_key[("cadr", 1)]
-    baseline_id, baseline = by_key[("fixmatch", 1)]  # the better of the two baseline seeds
-    d_accuracy = 100 * (best["accuracy_median_10"] - baseline["accuracy_median_10"])
-    d_gm = 100 * (best["gm_median_10"] - baseline["gm_median_10"])
+    best_id, best = by_key[("cadr", 0)]  # the validation metric's winner
+    test_winner_id, _ = by_key[("cadr", 1)]
+    baseline_id, baseline = by_key[("fixmatch", 0)]  # the better of the two baseline seeds on validation
+    d_accuracy = 100 * (best["test_accuracy_median_10"] - baseline["test_accuracy_median_10"])
+    d_gm = 100 * (best["test_gm_median_10"] - baseline["test_gm_median_10"])
     assert d_accuracy > 0 and d_gm > 0
     assert (f"CADR (trial {best_id}) beat the FixMatch baseline (trial {baseline_id}) by "
             f"+{d_accuracy:.1f} points accuracy and +{d_gm:.1f} GM") in text
-    assert text.startswith(f"# Study {report.name}\n")
+    assert text.startswith(f"# Study {report.name}\n\nSelected on the validation split ({METRIC})")
     assert "- Dataset: digits, split lt (n_max 50, gamma_l 20, seed 1)" in text
     assert "- Trials: 6: 5 TERMINATED" in text
-    assert f"- Best: trial {best_id} (CADR, " in text
+    assert (f"- Best: trial {best_id} (CADR, confidence=0.84, seed=0): {METRIC} {100 * best[METRIC]:.1f}; test "
+            f"accuracy {100 * best['test_accuracy_median_10']:.1f}, GM {100 * best['test_gm_median_10']:.1f}, "
+            f"balanced accuracy {100 * best['test_balanced_accuracy_median_10']:.1f}") in text
+    assert (f"- Had the study ranked on test_balanced_accuracy_median_10 instead, it would have picked trial "
+            f"{test_winner_id} (CADR, ") in text
 
 
 def test_the_sentence_says_did_not_beat_when_the_baseline_is_ahead_in_either_number():
     def trial(trial_id, accuracy, gm, **flags):
         return TrialRecord(trial_id, {"label": "search", **flags}, "TERMINATED",
-                           [{"accuracy_median_10": accuracy, "gm_median_10": gm}])
+                           [{"test_accuracy_median_10": accuracy, "test_gm_median_10": gm}])
 
     baseline = trial("base", 0.70, 0.60, cap=False, cai=False, cadr=False)
     worse_gm = trial("cadr1", 0.75, 0.58, cap=True, cai=True, cadr=True)
     assert compare_to_baseline(worse_gm, baseline) == (
         "CADR (trial cadr1) did not beat the FixMatch baseline (trial base): "
-        "+5.0 points accuracy and -2.0 GM (median of the last 10 evaluations).")
+        "+5.0 points accuracy and -2.0 GM (test, median of the last 10 evaluations).")
     assert "beat the FixMatch baseline (trial base) by +1.0 points accuracy and +1.0 GM" in compare_to_baseline(
         trial("cap1", 0.71, 0.61, cap=True), baseline)
     assert "is the FixMatch baseline itself" in compare_to_baseline(baseline, baseline)
@@ -242,28 +270,32 @@ def test_seeds_give_the_ablation_table_with_mean_and_std_per_method(study_dir):
     groups = {g.name: g for g in report.groups}
     assert list(groups) == ["cadr", "cap", "fixmatch"]  # best mean first; the failed seed is left out
     for name in ("cadr", "fixmatch"):
-        accuracy = [lines[(name, s)]["accuracy_median_10"] for s in (0, 1)]
-        gm = [lines[(name, s)]["gm_median_10"] for s in (0, 1)]
-        tails = [statistics.fmean(lines[(name, s)][f"class_accuracy/{c}"] for c in (2, 3, 4)) for s in (0, 1)]
         group = groups[name]
         assert group.seeds == [0, 1]
-        assert group.accuracy_mean == pytest.approx(statistics.fmean(accuracy), abs=1e-12)
-        assert group.accuracy_std == pytest.approx(statistics.stdev(accuracy), abs=1e-12)
-        assert group.gm_mean == pytest.approx(statistics.fmean(gm), abs=1e-12)
-        assert group.gm_std == pytest.approx(statistics.stdev(gm), abs=1e-12)
+        assert group.score == pytest.approx(statistics.fmean(lines[(name, s)][METRIC] for s in (0, 1)), abs=1e-12)
+        for measure in ("accuracy", "gm", "balanced_accuracy"):
+            values = [lines[(name, s)][f"test_{measure}_median_10"] for s in (0, 1)]
+            mean, std = group.test[measure]
+            assert mean == pytest.approx(statistics.fmean(values), abs=1e-12)
+            assert std == pytest.approx(statistics.stdev(values), abs=1e-12)
+        tails = [statistics.fmean(lines[(name, s)][f"test_class_accuracy/{c}"] for c in (2, 3, 4)) for s in (0, 1)]
         assert group.tail_accuracy_mean == pytest.approx(statistics.fmean(tails), abs=1e-12)
         assert list(group.tail_class_accuracy) == [2, 3, 4]
         for c in (2, 3, 4):
-            expected = statistics.fmean(lines[(name, s)][f"class_accuracy/{c}"] for s in (0, 1))
+            expected = statistics.fmean(lines[(name, s)][f"test_class_accuracy/{c}"] for s in (0, 1))
             assert group.tail_class_accuracy[c] == pytest.approx(expected, abs=1e-12)
-    assert groups["cap"].seeds == [0] and groups["cap"].accuracy_std is None
+    assert groups["cap"].seeds == [0] and groups["cap"].test["accuracy"][1] is None
     text = (study_dir / "report.md").read_text()
     cadr = groups["cadr"]
-    assert (f"| cadr | CADR | 0, 1 | {100 * cadr.accuracy_mean:.1f} ± {100 * cadr.accuracy_std:.1f} | "
-            f"{100 * cadr.gm_mean:.1f} ± {100 * cadr.gm_std:.1f} | {100 * cadr.tail_accuracy_mean:.1f} | "
+    assert (f"| cadr | CADR | 0, 1 | {100 * cadr.score:.1f} | "
+            + " | ".join(f"{100 * cadr.test[m][0]:.1f} ± {100 * cadr.test[m][1]:.1f}"
+                         for m in ("accuracy", "gm", "balanced_accuracy"))
+            + f" | {100 * cadr.tail_accuracy_mean:.1f} | "
             + " | ".join(f"{100 * cadr.tail_class_accuracy[c]:.1f}" for c in (2, 3, 4)) + " |") in text
+    assert ("| group | method | seeds | valid bal-acc med10 (mean) | test acc med10 (mean ± std) | "
+            "test GM med10 (mean ± std) | test bal-acc med10 (mean ± std) |") in text
     assert "| class 2 acc | class 3 acc | class 4 acc |" in text
-    d_accuracy = 100 * (cadr.accuracy_mean - groups["fixmatch"].accuracy_mean)
+    d_accuracy = 100 * (cadr.test["accuracy"][0] - groups["fixmatch"].test["accuracy"][0])
     assert f"Over seeds, CADR (2 seeds) beat FixMatch (2 seeds) by +{d_accuracy:.1f} points accuracy" in text
 
 
@@ -313,7 +345,7 @@ def test_rebuilding_while_trials_are_still_writing_uses_the_complete_lines(study
     rows = {(r["variant"], int(r["seed"])): r for r in read_csv(study_copy)}
     second = json.loads(lines[1])
     assert int(rows[("cadr", 1)]["steps"]) == second["step"]
-    assert float(rows[("cadr", 1)]["accuracy_median_10"]) == second["accuracy_median_10"]
+    assert float(rows[("cadr", 1)]["valid_accuracy_median_10"]) == second["valid_accuracy_median_10"]
     assert rows[("cadr", 2)]["status"] == "PENDING" and rows[("cadr", 2)]["trial_id"] == "abcde_00099"
     last_two = [(r["variant"], int(r["seed"])) for r in read_csv(study_copy)][-2:]
     assert set(last_two) == {("fixmatch", 0), ("cadr", 2)}  # no results: last
@@ -394,21 +426,24 @@ def test_a_malformed_study_json_is_a_study_error(study_copy):
 
 
 def test_trial_values_ignore_what_is_not_a_finite_number():
-    trial = TrialRecord("t", {}, "RUNNING", [{"accuracy": math.nan, "gm": True, "step": 3, "class_accuracy/1": 0.5}])
-    assert trial.value("accuracy") is None and trial.value("gm") is None and trial.steps == 3
+    trial = TrialRecord("t", {}, "RUNNING", [{"test_accuracy": math.nan, "test_gm": True, "step": 3,
+                                              "test_class_accuracy/1": 0.5}])
+    assert trial.value("test_accuracy") is None and trial.value("test_gm") is None and trial.steps == 3
     assert trial.class_accuracy[1] == 0.5 and math.isnan(trial.class_accuracy[0])
 
 
 def test_groups_over_seeds_keep_the_other_swept_parameters_apart():
     def trial(i, variant, gamma_l, seed, accuracy):
         return TrialRecord(f"t{i}", {"variant": variant, "gamma_l": gamma_l, "seed": seed, "label": "grid"},
-                           "TERMINATED", [{"step": 10, "accuracy_median_10": accuracy, "gm_median_10": accuracy}])
+                           "TERMINATED", [{"step": 10, "valid_gm_median_10": accuracy,
+                                           "test_accuracy_median_10": accuracy - 0.1}])
 
     trials = [trial(0, "cadr", 10, 0, 0.9), trial(1, "cadr", 10, 1, 0.8), trial(2, "cadr", 50, 0, 0.5),
               trial(3, "cadr", 50, 1, 0.7)]
-    groups = report_module._groups(trials, "accuracy_median_10", "max", ["variant", "gamma_l", "seed"])
+    groups = report_module._groups(trials, "valid_gm_median_10", "max", ["variant", "gamma_l", "seed"])
     assert [(g.name, g.seeds) for g in groups] == [("cadr, gamma_l=10", [0, 1]), ("cadr, gamma_l=50", [0, 1])]
-    assert groups[0].accuracy_mean == pytest.approx(0.85) and groups[1].accuracy_mean == pytest.approx(0.6)
+    assert groups[0].score == pytest.approx(0.85) and groups[1].score == pytest.approx(0.6)
+    assert groups[0].test["accuracy"][0] == pytest.approx(0.75) and groups[1].test["accuracy"][0] == pytest.approx(0.5)
 
 
 def test_grid_parameters_are_read_from_the_space_study_json_describes():
