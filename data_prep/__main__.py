@@ -2,41 +2,28 @@
 
 import argparse
 import sys
-import time
 
+from data_prep.convert import convert
 from data_prep.errors import DataPrepError
-from data_prep.parquet import default_data_root, open_dataset, write_dataset
-from data_prep.readers import DATASETS, get_reader
-from data_prep.splits import (KINDS, VALID_KINDS, SplitSpec, describe_counts, imbalance, load_split, make_split,
-                              save_split)
-
-
-def convert(dataset, source=None, data_root=None, *, overwrite=False, **options):
-    """Read a raw dataset and write it as Parquet. Returns (DatasetInfo, images per second)."""
-    reader = get_reader(dataset)
-    start = time.perf_counter()
-    raw = reader.read(source=source, **options) if reader.needs_source else reader.read(**options)
-    info = write_dataset(raw, data_root, overwrite=overwrite)
-    images = sum(s["count"] for s in info.meta["splits"].values())
-    return info, images / (time.perf_counter() - start)
-
-
-def prepare(dataset, data_root=None):
-    """Convert a dataset that needs no source if it is not there yet; returns its DatasetInfo."""
-    try:
-        return open_dataset(dataset, data_root)
-    except DataPrepError:
-        if get_reader(dataset).needs_source:
-            raise
-        info, _ = convert(dataset, data_root=data_root)
-        return info
+from data_prep.parquet import default_data_root, open_dataset
+from data_prep.readers import DATASETS
+from data_prep.splits import (
+    KINDS,
+    VALID_KINDS,
+    SplitSpec,
+    describe_counts,
+    imbalance,
+    load_split,
+    make_split,
+    save_split,
+)
 
 
 def _cmd_convert(args):
     options = {k: v for k, v in (("image_size", args.image_size), ("seed", args.seed),
                                  ("test_fraction", args.test_fraction)) if v is not None}
     info, rate = convert(args.dataset, args.source, args.data_root, overwrite=args.overwrite, **options)
-    counts = ", ".join(f"{s}: {v['count']}" for s, v in info.meta["splits"].items())
+    counts = ", ".join(f"{p}: {v['count']}" for p, v in info.partitions.items())
     print(f"wrote {info.path} ({counts}; {rate:.0f} images/s)")
 
 
@@ -45,12 +32,12 @@ def _cmd_info(args):
     meta = info.meta
     print(f"{meta['name']}: {meta['num_classes']} classes, images {'x'.join(map(str, meta['image_shape']))}, "
           f"checksum {meta['checksum'][:12]}")
-    width = max(len(c) for c in meta["classes"])
-    splits = meta["splits"]
-    print(f"{'class':>{width}} " + " ".join(f"{s:>9}" for s in splits))
+    width = max(len("class"), *(len(c) for c in meta["classes"]))
+    partitions = info.partitions
+    print(f"{'class':>{width}} " + " ".join(f"{p:>9}" for p in partitions))
     for c, name in enumerate(meta["classes"]):
-        print(f"{name:>{width}} " + " ".join(f"{v['class_counts'].get(str(c), 0):>9}" for v in splits.values()))
-    print(f"{'total':>{width}} " + " ".join(f"{v['count']:>9}" for v in splits.values()))
+        print(f"{name:>{width}} " + " ".join(f"{v['class_counts'].get(str(c), 0):>9}" for v in partitions.values()))
+    print(f"{'total':>{width}} " + " ".join(f"{v['count']:>9}" for v in partitions.values()))
     for path in sorted((info.path / "splits").glob("*.json")):
         split = load_split(info, path.stem, create=False)
         valid = (f", {len(split.valid_indices)} validation [{describe_counts(split.valid_counts)}]"

@@ -1,4 +1,4 @@
-"""Loading a dataset and a split for training (DESIGN.md 3.3).
+"""Loading a dataset and a split for training.
 
 Two paths, same rows:
   load_arrays   in-process: decoded uint8 NHWC numpy arrays, decoded once per process and cached.
@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 import pyarrow as pa
 
-from data_prep.parquet import DatasetInfo, decode_pngs, open_dataset, read_split, verify_dataset
+from data_prep.parquet import DatasetInfo, decode_pngs, open_dataset, read_partition, verify_dataset
 from data_prep.splits import Split, load_split
 
 
@@ -51,10 +51,10 @@ class SSLArrays:
 
 
 @lru_cache(maxsize=4)
-def _decoded(path, checksum, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(index, images, labels) of the given splits, decoded once per process."""
+def _decoded(path, checksum, partitions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index, images, labels) of the given partitions, decoded once per process."""
     info = open_dataset(path.name, path.parent)
-    table = pa.concat_tables([read_split(info, s) for s in splits])
+    table = pa.concat_tables([read_partition(info, p) for p in partitions])
     images = decode_pngs(table["image"].combine_chunks().field("bytes").to_pylist(), info.image_shape)
     return np.array(table["index"]), images, np.array(table["label"])
 
@@ -67,11 +67,13 @@ def _rows(indices, wanted) -> np.ndarray:
 
 
 def load_arrays(dataset, split, data_root=None, *, verify=True) -> SSLArrays:
-    """The labeled, unlabeled and test rows of a split as decoded uint8 arrays."""
+    """The labeled, unlabeled, validation and test rows of a split as decoded uint8 arrays, each in
+    ascending row index (a repeated labeled row appears as often as the split lists it), the
+    order a Ray Data shard is put in too, so both paths train on the same arrays."""
     info, split = resolve(dataset, split, data_root, verify=verify)
-    pool_index, pool_images, pool_labels = _decoded(info.path, info.checksum, tuple(info.pool_splits()))
+    pool_index, pool_images, pool_labels = _decoded(info.path, info.checksum, tuple(info.pool_partitions()))
     _, test_images, test_labels = _decoded(info.path, info.checksum, ("test",))
-    labeled = _rows(pool_index, split.labeled_indices)
+    labeled = _rows(pool_index, np.sort(split.labeled_indices, kind="stable"))
     unlabeled = _rows(pool_index, split.unlabeled_indices)
     valid = _rows(pool_index, split.valid_indices)
     return SSLArrays(
@@ -83,15 +85,23 @@ def load_arrays(dataset, split, data_root=None, *, verify=True) -> SSLArrays:
 
 
 class _SelectRows:
-    """map_batches: keep the rows of a split, each as often as the split lists it."""
+    """map_batches: keep the rows of a split, each as often as the split lists it. With
+    `positions`, rows (listed once each) get a `position` column: their place in `indices`."""
 
-    def __init__(self, indices, size):
+    def __init__(self, indices, size, positions=False):
         self.multiplicity = np.bincount(indices, minlength=size).astype(np.int64)
+        self.position = None
+        if positions:
+            self.position = np.full(size, -1, np.int64)
+            self.position[indices] = np.arange(len(indices))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         index = batch["index"].to_numpy()
         keep = np.repeat(np.arange(len(index)), self.multiplicity[index])
-        return batch.take(pa.array(keep, pa.int64()))
+        rows = batch.take(pa.array(keep, pa.int64()))
+        if self.position is not None:
+            rows = rows.append_column("position", pa.array(self.position[rows["index"].to_numpy()], pa.int64()))
+        return rows
 
 
 class _DecodeImages:
@@ -102,31 +112,36 @@ class _DecodeImages:
 
     def __call__(self, batch: pa.Table) -> dict:
         blobs = batch["image"].combine_chunks().field("bytes").to_pylist() if len(batch) else []
-        return {
+        columns = {
             "index": batch["index"].to_numpy(),
             "image": decode_pngs(blobs, self.image_shape),
             "label": batch["label"].to_numpy(),
         }
+        if "position" in batch.column_names:
+            columns["position"] = batch["position"].to_numpy()
+        return columns
 
 
 def ray_datasets(dataset, split, data_root=None, *, verify=True) -> dict:
     """Ray Data datasets {"labeled", "unlabeled", "valid", "test"} with columns index, image (uint8
-    H x W x C), label ("valid" only when the split has a validation set). Reading is lazy; each is
-    ready to pass to a TorchTrainer's `datasets=`."""
+    H x W x C), label, and for "unlabeled" position (the row's place in the split's unlabeled
+    list, what methods with a per-row memory key on); "valid" only when the split has a
+    validation set. Reading is lazy; each is ready to pass to a TorchTrainer's `datasets=`."""
     import ray.data
 
     info, split = resolve(dataset, split, data_root, verify=verify)
-    pool_files = [str(f) for s in info.pool_splits() for f in info.files(s)]
-    pool_size = sum(info.split_counts(s)["count"] for s in info.pool_splits())
+    pool_files = [str(f) for p in info.pool_partitions() for f in info.files(p)]
+    pool_size = sum(info.partitions[p]["count"] for p in info.pool_partitions())
     decode = _DecodeImages(info.image_shape)
 
-    def select(indices):
+    def select(indices, positions=False):
         rows = ray.data.read_parquet(pool_files).map_batches(
-            _SelectRows(indices, pool_size), batch_format="pyarrow")
+            _SelectRows(indices, pool_size, positions), batch_format="pyarrow")
         return rows.map_batches(decode, batch_format="pyarrow")
 
     test = ray.data.read_parquet([str(f) for f in info.files("test")]).map_batches(decode, batch_format="pyarrow")
-    datasets = {"labeled": select(split.labeled_indices), "unlabeled": select(split.unlabeled_indices), "test": test}
+    datasets = {"labeled": select(split.labeled_indices), "unlabeled": select(split.unlabeled_indices, positions=True),
+                "test": test}
     if split.has_validation:
         datasets["valid"] = select(split.valid_indices)
     return datasets

@@ -1,11 +1,15 @@
-"""The on-disk dataset: Parquet parts of PNG images plus `dataset.json` (DESIGN.md 3.1).
+"""The on-disk dataset: Parquet parts of PNG images plus `dataset.json`.
 
     <data_root>/<dataset>/
       train/part-00000.parquet ...   index:int64, image:struct{bytes:binary, path:string}, label:int64
       test/part-00000.parquet ...
       unlabeled/...                  (STL-10 only; label -1)
       dataset.json
-      splits/<name>.json
+      splits/<name>.json             MNAR splits (data_prep/splits.py)
+
+Words: a *partition* is one of the dataset's own files sets (train, test, unlabeled), as its
+publisher cut them; a *split* is an MNAR split of the training partition into labeled and
+unlabeled rows (and a validation set).
 
 The image struct is Hugging Face `datasets`' Image feature, so the files open there too.
 A dataset is written under a temporary name and renamed into place when complete.
@@ -27,21 +31,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.errors import DataPrepError
+from data_prep.files import current_umask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 calls the train/test/unlabeled files "partitions"; version 1 files still open
 ROWS_PER_FILE = 10_000
 ROWS_PER_GROUP = 1_000  # several row groups per file, so Ray Data can split files across workers
-SPLIT_NAMES = ("train", "test", "unlabeled")
+PARTITIONS = ("train", "test", "unlabeled")
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SCHEMA = pa.schema(
-    [("index", pa.int64()), ("image", IMAGE_TYPE), ("label", pa.int64())],
-    metadata={"huggingface": json.dumps({"info": {"features": {
+SCHEMA = pa.schema([("index", pa.int64()), ("image", IMAGE_TYPE), ("label", pa.int64())])
+
+
+def dataset_schema(classes) -> pa.Schema:
+    """SCHEMA with Hugging Face `datasets` feature metadata: the image struct is its Image, and
+    `label` its ClassLabel with the class names (-1, STL-10's unlabeled rows, is its "no label")."""
+    features = {
         "index": {"dtype": "int64", "_type": "Value"},
         "image": {"_type": "Image"},
-        "label": {"dtype": "int64", "_type": "Value"},
-    }}})},
-)
+        "label": {"names": [str(name) for name in classes], "_type": "ClassLabel"},
+    }
+    return SCHEMA.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
 def default_data_root() -> Path:
@@ -101,15 +110,17 @@ class DatasetInfo:
     def checksum(self) -> str:
         return self.meta["checksum"]
 
-    def split_counts(self, split) -> dict:
-        return self.meta["splits"][split]
+    @property
+    def partitions(self) -> dict:
+        """{partition: {count, first_index, files, class_counts}} for train, test (and unlabeled)."""
+        return self.meta["partitions"]
 
-    def files(self, split) -> list[Path]:
-        return [self.path / f for f in self.meta["splits"].get(split, {}).get("files", [])]
+    def files(self, partition) -> list[Path]:
+        return [self.path / f for f in self.partitions.get(partition, {}).get("files", [])]
 
-    def pool_splits(self) -> list[str]:
-        """Splits whose rows can be unlabeled training data (train, and STL-10's unlabeled)."""
-        return [s for s in ("train", "unlabeled") if s in self.meta["splits"]]
+    def pool_partitions(self) -> list[str]:
+        """Partitions whose rows can be unlabeled training data (train, and STL-10's unlabeled)."""
+        return [p for p in ("train", "unlabeled") if p in self.partitions]
 
 
 def open_dataset(name, data_root=None) -> DatasetInfo:
@@ -124,8 +135,10 @@ def open_dataset(name, data_root=None) -> DatasetInfo:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataPrepError(f"{meta_path}: unreadable ({exc})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (1, FORMAT_VERSION):
         raise DataPrepError(f"{meta_path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if meta["format_version"] == 1:  # the same layout, its partitions under their old key
+        meta = {**meta, "format_version": FORMAT_VERSION, "partitions": meta.pop("splits")}
     return DatasetInfo(path, meta)
 
 
@@ -145,7 +158,7 @@ def parquet_checksum(path: Path, files: list[str]) -> str:
 
 def verify_dataset(info: DatasetInfo) -> None:
     """Fail if any Parquet part changed since conversion, or is not a readable Parquet file."""
-    files = [f for split in info.meta["splits"].values() for f in split["files"]]
+    files = [f for partition in info.partitions.values() for f in partition["files"]]
     for name in files:
         try:
             pq.read_metadata(info.path / name)
@@ -158,10 +171,10 @@ def verify_dataset(info: DatasetInfo) -> None:
         )
 
 
-def read_split(info: DatasetInfo, split: str) -> pa.Table:
-    """All rows of a split as one Arrow table (index, image, label)."""
+def read_partition(info: DatasetInfo, partition: str) -> pa.Table:
+    """All rows of a partition (train, test, unlabeled) as one Arrow table (index, image, label)."""
     tables = []
-    for path in info.files(split):
+    for path in info.files(partition):
         try:
             tables.append(pq.read_table(path, schema=SCHEMA))
         except (pa.ArrowException, OSError) as exc:
@@ -170,12 +183,6 @@ def read_split(info: DatasetInfo, split: str) -> pa.Table:
 
 
 # --- writing ----------------------------------------------------------------------------------
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _writable_root(data_root: Path) -> Path:
@@ -188,9 +195,9 @@ def _writable_root(data_root: Path) -> Path:
     return data_root
 
 
-def _write_split(out_dir: Path, split: str, source, first_index: int, progress) -> dict:
-    """Encode a split's chunks to PNG and write its Parquet parts; returns its dataset.json entry."""
-    (out_dir / split).mkdir()
+def _write_partition(out_dir: Path, partition: str, source, first_index: int, schema, progress) -> dict:
+    """Encode a partition's chunks to PNG and write its Parquet parts; returns its dataset.json entry."""
+    (out_dir / partition).mkdir()
     files, class_counts = [], {}
     writer, rows_in_file, index = None, 0, first_index
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -202,8 +209,8 @@ def _write_split(out_dir: Path, split: str, source, first_index: int, progress) 
                 if writer is None or rows_in_file >= ROWS_PER_FILE:
                     if writer is not None:
                         writer.close()
-                    files.append(f"{split}/part-{len(files):05d}.parquet")
-                    writer = pq.ParquetWriter(out_dir / files[-1], SCHEMA)
+                    files.append(f"{partition}/part-{len(files):05d}.parquet")
+                    writer = pq.ParquetWriter(out_dir / files[-1], schema)
                     rows_in_file = 0
                 n = len(batch_labels)
                 table = pa.table({
@@ -211,7 +218,7 @@ def _write_split(out_dir: Path, split: str, source, first_index: int, progress) 
                     "image": pa.StructArray.from_arrays(
                         [pa.array(pngs, pa.binary()), pa.nulls(n, pa.string())], fields=list(IMAGE_TYPE)),
                     "label": pa.array(batch_labels, pa.int64()),
-                }, schema=SCHEMA)
+                }, schema=schema)
                 writer.write_table(table, row_group_size=ROWS_PER_GROUP)
                 for label, count in zip(*np.unique(batch_labels, return_counts=True)):
                     class_counts[int(label)] = class_counts.get(int(label), 0) + int(count)
@@ -222,7 +229,7 @@ def _write_split(out_dir: Path, split: str, source, first_index: int, progress) 
         writer.close()
     count = index - first_index
     if count != source.count:
-        raise DataPrepError(f"{split}: source yielded {count} images, expected {source.count}")
+        raise DataPrepError(f"{partition}: source yielded {count} images, expected {source.count}")
     return {"count": count, "first_index": first_index, "files": files,
             "class_counts": {str(k): v for k, v in sorted(class_counts.items())}}
 
@@ -242,24 +249,25 @@ def write_dataset(raw, data_root=None, *, overwrite=False) -> DatasetInfo:
     tmp = Path(tempfile.mkdtemp(prefix=f".{raw.name}.partial-", dir=root))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the dataset should not be
     try:
-        total = sum(s.count for s in raw.splits.values())
-        splits, next_pool_index = {}, 0
+        total = sum(source.count for source in raw.partitions.values())
+        partitions, next_pool_index = {}, 0
         with tqdm(total=total, desc=f"converting {raw.name}", unit="img") as progress:
-            for split in SPLIT_NAMES:
-                if split not in raw.splits:
+            for partition in PARTITIONS:
+                if partition not in raw.partitions:
                     continue
-                first = 0 if split == "test" else next_pool_index
-                splits[split] = _write_split(tmp, split, raw.splits[split], first, progress)
-                if split != "test":
-                    next_pool_index += splits[split]["count"]
-        files = [f for s in splits.values() for f in s["files"]]
+                first = 0 if partition == "test" else next_pool_index
+                partitions[partition] = _write_partition(tmp, partition, raw.partitions[partition], first,
+                                                         dataset_schema(raw.classes), progress)
+                if partition != "test":
+                    next_pool_index += partitions[partition]["count"]
+        files = [f for p in partitions.values() for f in p["files"]]
         meta = {
             "format_version": FORMAT_VERSION,
             "name": raw.name,
             "classes": list(raw.classes),
             "num_classes": len(raw.classes),
             "image_shape": list(raw.image_shape),
-            "splits": splits,
+            "partitions": partitions,
             "source_sha256": raw.source_sha256,
             "checksum": parquet_checksum(tmp, files),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

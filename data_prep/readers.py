@@ -1,7 +1,7 @@
 """Readers for raw dataset sources, all offline, each reading the format its publisher ships.
 
 A reader turns a source (an archive, a folder, or data inside an installed package) into a
-`RawDataset`: class names, image shape, and per split a stream of `(images, labels)` chunks
+`RawDataset`: class names, image shape, and per partition (train, test, unlabeled) a stream of `(images, labels)` chunks
 with images as uint8 NHWC arrays. Writing Parquet is `data_prep.parquet`'s job.
 
 Adding a dataset is adding one function decorated with `@register(...)`.
@@ -14,9 +14,9 @@ import io
 import os
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -27,8 +27,8 @@ Chunks = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
-class SplitSource:
-    """One split of a raw dataset: its size and a function that streams its chunks."""
+class PartitionSource:
+    """One partition of a raw dataset: its size and a function that streams its chunks."""
 
     count: int
     chunks: Callable[[], Chunks]
@@ -39,7 +39,7 @@ class RawDataset:
     name: str
     classes: list[str]
     image_shape: tuple[int, int, int]  # (H, W, C)
-    splits: dict[str, SplitSource]  # "train", "test" and, for STL-10, "unlabeled"
+    partitions: dict[str, PartitionSource]  # "train", "test" and, for STL-10, "unlabeled"
     source_sha256: str
 
 
@@ -72,8 +72,8 @@ def get_reader(name) -> DatasetReader:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _in_memory(images, labels) -> SplitSource:
-    return SplitSource(len(labels), lambda: iter([(images, labels)]))
+def _in_memory(images, labels) -> PartitionSource:
+    return PartitionSource(len(labels), lambda: iter([(images, labels)]))
 
 
 def _sha256_file(path: Path) -> str:
@@ -123,7 +123,7 @@ def _require_file(source, dataset) -> Path:
     return path
 
 
-def stratified_split(labels, test_fraction, seed):
+def stratified_train_test(labels, test_fraction, seed):
     """Per-class seeded split of row positions into (train, test), both sorted."""
     if not 0 < test_fraction < 1:
         raise DataPrepError(f"test fraction must be in (0, 1), got {test_fraction}")
@@ -143,7 +143,7 @@ class _TarArchive:
     def __init__(self, path: Path, dataset: str):
         self.path, self.dataset = path, dataset
         try:
-            self._tar = tarfile.open(path, "r:*")
+            self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 (kept open while the archive is read)
             self._members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             raise DataPrepError(f"{path}: truncated or not a {dataset} tar archive ({exc})") from None
@@ -201,7 +201,7 @@ def _read_cifar(source, *, dataset, folder, train_members, test_member, meta_mem
         name=dataset,
         classes=classes,
         image_shape=(32, 32, 3),
-        splits={"train": _in_memory(train_images, train_labels), "test": _in_memory(test_images, test_labels)},
+        partitions={"train": _in_memory(train_images, train_labels), "test": _in_memory(test_images, test_labels)},
         source_sha256=_sha256_file(path),
     )
 
@@ -241,16 +241,16 @@ def read_stl10(source=None, chunk_size=2000, **_):
     archive = _TarArchive(path, "stl10")
     folder = "stl10_binary"
     classes = archive.read(f"{folder}/class_names.txt").decode().split()
-    splits = {}
-    for split in ("train", "test"):
-        raw_images = archive.read(f"{folder}/{split}_X.bin")
-        labels = np.frombuffer(archive.read(f"{folder}/{split}_y.bin"), np.uint8).astype(np.int64) - 1
+    partitions = {}
+    for partition in ("train", "test"):
+        raw_images = archive.read(f"{folder}/{partition}_X.bin")
+        labels = np.frombuffer(archive.read(f"{folder}/{partition}_y.bin"), np.uint8).astype(np.int64) - 1
         if len(raw_images) != len(labels) * _STL_IMAGE_BYTES:
-            raise DataPrepError(f"{path}: {split}_X.bin holds {len(raw_images)} bytes, "
+            raise DataPrepError(f"{path}: {partition}_X.bin holds {len(raw_images)} bytes, "
                                 f"expected {len(labels)} images of {_STL_IMAGE_BYTES} bytes")
         if labels.min() < 0 or labels.max() >= len(classes):
-            raise DataPrepError(f"{path}: {split}_y.bin has labels outside 1..{len(classes)}")
-        splits[split] = _in_memory(_stl_images(raw_images), labels)
+            raise DataPrepError(f"{path}: {partition}_y.bin has labels outside 1..{len(classes)}")
+        partitions[partition] = _in_memory(_stl_images(raw_images), labels)
 
     unlabeled_name = f"{folder}/unlabeled_X.bin"
     unlabeled_size = archive.member(unlabeled_name).size
@@ -272,8 +272,8 @@ def read_stl10(source=None, chunk_size=2000, **_):
             remaining -= n
             yield _stl_images(raw), np.full(n, -1, np.int64)
 
-    splits["unlabeled"] = SplitSource(unlabeled_size // _STL_IMAGE_BYTES, unlabeled_chunks)
-    return RawDataset("stl10", classes, (_STL_SIDE, _STL_SIDE, 3), splits, _sha256_file(path))
+    partitions["unlabeled"] = PartitionSource(unlabeled_size // _STL_IMAGE_BYTES, unlabeled_chunks)
+    return RawDataset("stl10", classes, (_STL_SIDE, _STL_SIDE, 3), partitions, _sha256_file(path))
 
 
 # --- image trees (imagefolder, mini-ImageNet) -----------------------------------------------
@@ -325,7 +325,7 @@ def _read_tree(root: Path, *, dataset, size, channels, test_fraction, seed):
     else:
         all_paths, labels, classes = _scan_tree(root)
         images = _load_resized(all_paths, size, channels)
-        train_rows, test_rows = stratified_split(labels, test_fraction, seed)
+        train_rows, test_rows = stratified_train_test(labels, test_fraction, seed)
         train_images, train_labels = images[train_rows], labels[train_rows]
         test_images, test_labels = images[test_rows], labels[test_rows]
     return RawDataset(
@@ -368,7 +368,7 @@ def _read_miniimagenet_pickles(files, test_fraction, seed):
             labels.append(np.full(len(rows), len(classes), np.int64))
             classes.append(str(wnid))
     images, labels = np.concatenate(images), np.concatenate(labels)
-    train_rows, test_rows = stratified_split(labels, test_fraction, seed)
+    train_rows, test_rows = stratified_train_test(labels, test_fraction, seed)
     return classes, images, labels, train_rows, test_rows
 
 
@@ -401,7 +401,7 @@ def read_digits(test_fraction=0.2, seed=0, **_):
     bunch = load_digits()
     images = np.round(bunch.images * (255 / 16)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int64)
-    train_rows, test_rows = stratified_split(labels, test_fraction, seed)
+    train_rows, test_rows = stratified_train_test(labels, test_fraction, seed)
     return RawDataset(
         "digits", [str(c) for c in bunch.target_names], (8, 8, 1),
         {"train": _in_memory(images[train_rows], labels[train_rows]),
@@ -434,7 +434,7 @@ def read_mnist5k(test_fraction=0.2, seed=0, **_):
         raise DataPrepError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
     images = table[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
     labels = table[:, 784]
-    train_rows, test_rows = stratified_split(labels, test_fraction, seed)
+    train_rows, test_rows = stratified_train_test(labels, test_fraction, seed)
     return RawDataset(
         "mnist5k", [str(c) for c in range(10)], (28, 28, 1),
         {"train": _in_memory(images[train_rows], labels[train_rows]),

@@ -1,4 +1,4 @@
-"""MNAR splits: which training rows are labeled, which are unlabeled (DESIGN.md 3.2).
+"""MNAR splits: which training rows are labeled, which are unlabeled (docs/method.md, "MNAR splits").
 
 Kinds:
   mcar  N labeled rows following the training set's own class distribution.
@@ -21,19 +21,19 @@ gamma_l 50, seed 1, n_max 50, 5,000 balanced validation rows; `...@50-500labeled
 validation rows in the labeled proportions; `...@50-1` (or no suffix) has no validation set.
 """
 
+import codecs
 import json
 import math
 import numbers
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.errors import DataPrepError
-from data_prep.parquet import DatasetInfo, current_umask, read_split
+from data_prep.files import write_atomic
+from data_prep.parquet import DatasetInfo, read_partition
 
 SPLIT_FORMAT_VERSION = 2  # 2 added the validation set; version 1 files load as splits without one
 KINDS = ("mcar", "lt", "rand")
@@ -205,7 +205,7 @@ class Split:
 
 def _pool_labels(info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
     """(index, label) of every training-pool row, without decoding images."""
-    tables = [read_split(info, split).select(["index", "label"]) for split in info.pool_splits()]
+    tables = [read_partition(info, p).select(["index", "label"]) for p in info.pool_partitions()]
     indices = np.concatenate([t["index"].to_numpy() for t in tables])
     labels = np.concatenate([t["label"].to_numpy() for t in tables])
     return indices, labels
@@ -335,16 +335,7 @@ def save_split(info: DatasetInfo, split: Split) -> Path:
     """Write splits/<name>.json atomically (temp file, then rename)."""
     path = split_path(info, split.name)
     path.parent.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{split.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(split.to_json(), f)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda f: json.dump(split.to_json(), codecs.getwriter("utf-8")(f)))
 
 
 def load_split(info: DatasetInfo, name, *, create=True) -> Split:

@@ -25,13 +25,13 @@ STL10_NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey
 class Source:
     path: Path
     classes: list
-    splits: dict  # split -> (images uint8 (N, H, W, C), labels int64 (N,))
+    partitions: dict  # partition -> (images uint8 (N, H, W, C), labels int64 (N,))
 
-    def images(self, split):
-        return self.splits[split][0]
+    def images(self, partition):
+        return self.partitions[partition][0]
 
-    def labels(self, split):
-        return self.splits[split][1]
+    def labels(self, partition):
+        return self.partitions[partition][1]
 
 
 def sha256_of(path) -> str:
@@ -95,7 +95,7 @@ def make_cifar100(directory, *, seed=100, train=150, test=100) -> Source:
     rng = np.random.default_rng(seed)
     folder = "cifar-100-python"
     names = [f"fine{c:02d}" for c in range(100)]
-    splits, members = {}, {}
+    partitions, members = {}, {}
     members[f"{folder}/meta"] = cifar_pickle({
         b"fine_label_names": [n.encode() for n in names],
         b"coarse_label_names": [f"coarse{c:02d}".encode() for c in range(20)],
@@ -106,9 +106,9 @@ def make_cifar100(directory, *, seed=100, train=150, test=100) -> Source:
             b"filenames": [f"{split}_{i}.png".encode() for i in range(n)], b"batch_label": split.encode(),
             b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(), b"data": cifar_rows(images),
         })
-        splits[split] = (images, labels.astype(np.int64))
+        partitions[split] = (images, labels.astype(np.int64))
     path = write_tar_gz(Path(directory) / "cifar-100-python.tar.gz", members)
-    return Source(path, names, splits)
+    return Source(path, names, partitions)
 
 
 def stl10_bytes(images) -> bytes:
@@ -122,7 +122,7 @@ def make_stl10(directory, *, seed=96, train_per_class=2, test=10, unlabeled=5) -
     folder = "stl10_binary"
     train_labels = rng.permutation(np.repeat(np.arange(10), train_per_class))
     test_labels = rng.integers(0, 10, test)
-    splits = {
+    partitions = {
         "train": (_random_images(rng, len(train_labels), 96), train_labels.astype(np.int64)),
         "test": (_random_images(rng, test, 96), test_labels.astype(np.int64)),
         "unlabeled": (_random_images(rng, unlabeled, 96), np.full(unlabeled, -1, np.int64)),
@@ -130,18 +130,18 @@ def make_stl10(directory, *, seed=96, train_per_class=2, test=10, unlabeled=5) -
     members = {
         f"{folder}/class_names.txt": "\n".join(STL10_NAMES).encode() + b"\n",
         f"{folder}/fold_indices.txt": b"0 1 2\n",
-        f"{folder}/train_X.bin": stl10_bytes(splits["train"][0]),
+        f"{folder}/train_X.bin": stl10_bytes(partitions["train"][0]),
         f"{folder}/train_y.bin": (train_labels + 1).astype(np.uint8).tobytes(),  # 1-based
-        f"{folder}/test_X.bin": stl10_bytes(splits["test"][0]),
+        f"{folder}/test_X.bin": stl10_bytes(partitions["test"][0]),
         f"{folder}/test_y.bin": (test_labels + 1).astype(np.uint8).tobytes(),
-        f"{folder}/unlabeled_X.bin": stl10_bytes(splits["unlabeled"][0]),
+        f"{folder}/unlabeled_X.bin": stl10_bytes(partitions["unlabeled"][0]),
     }
     path = write_tar_gz(Path(directory) / "stl10_binary.tar.gz", members)
-    return Source(path, STL10_NAMES, splits)
+    return Source(path, STL10_NAMES, partitions)
 
 
 def make_image_tree(root, *, seed=7, classes=("cat", "dog", "fox"), per_class=5, side=16) -> Source:
-    """root/<class>/<image>.png; `splits["all"]` lists every image in sorted path order."""
+    """root/<class>/<image>.png; `partitions["all"]` lists every image in sorted path order."""
     rng = np.random.default_rng(seed)
     images, labels = _random_images(rng, len(classes) * per_class, side), []
     for c, name in enumerate(classes):
@@ -155,7 +155,7 @@ def make_image_tree(root, *, seed=7, classes=("cat", "dog", "fox"), per_class=5,
 def make_miniimagenet_pickle(path, *, seed=84, wnids=("n01532829", "n01558993", "n01704323"), per_class=6,
                              side=84, protocol=pickle.HIGHEST_PROTOCOL) -> Source:
     """{'image_data': uint8 (N, side, side, 3), 'class_dict': {wnid: [rows]}}; rows of the classes
-    interleave so the class_dict mapping matters. `splits["all"]` is grouped by sorted wnid."""
+    interleave so the class_dict mapping matters. `partitions["all"]` is grouped by sorted wnid."""
     rng = np.random.default_rng(seed)
     n = len(wnids) * per_class
     data = _random_images(rng, n, side)
@@ -217,7 +217,7 @@ def write_synth(data_root, *, name="synth", seed=0, overwrite=False) -> Synth:
     """10 classes of 4x4 grey images, SYNTH_TRAIN_COUNTS training rows per class in a shuffled
     order, 2 test rows per class, converted under `data_root` as dataset `name`."""
     from data_prep.parquet import write_dataset
-    from data_prep.readers import RawDataset, SplitSource
+    from data_prep.readers import PartitionSource, RawDataset
 
     rng = np.random.default_rng(seed)
     train_labels = rng.permutation(np.repeat(np.arange(10), SYNTH_TRAIN_COUNTS)).astype(np.int64)
@@ -225,8 +225,8 @@ def write_synth(data_root, *, name="synth", seed=0, overwrite=False) -> Synth:
     train_images = rng.integers(0, 256, (len(train_labels), 4, 4, 1), dtype=np.uint8)
     test_images = rng.integers(0, 256, (len(test_labels), 4, 4, 1), dtype=np.uint8)
     raw = RawDataset(name, [f"class{c}" for c in range(10)], (4, 4, 1), {
-        "train": SplitSource(len(train_labels), lambda: iter([(train_images, train_labels)])),
-        "test": SplitSource(len(test_labels), lambda: iter([(test_images, test_labels)])),
+        "train": PartitionSource(len(train_labels), lambda: iter([(train_images, train_labels)])),
+        "test": PartitionSource(len(test_labels), lambda: iter([(test_images, test_labels)])),
     }, source_sha256="0" * 64)
     info = write_dataset(raw, data_root, overwrite=overwrite)
     return Synth(info, train_images, train_labels, test_images, test_labels)

@@ -9,9 +9,10 @@ from raw_sources import entries
 import data_prep.readers as readers
 import data_prep.splits as splits
 from data_prep import DataPrepError
-from data_prep.__main__ import convert, main
+from data_prep.__main__ import main
+from data_prep.convert import convert
 from data_prep.parquet import open_dataset, verify_dataset
-from data_prep.readers import DatasetReader, SplitSource
+from data_prep.readers import DatasetReader, PartitionSource
 from data_prep.splits import SplitSpec, make_split, save_split
 
 
@@ -20,7 +21,7 @@ def stl10_reader_failing_in(split, error, *, after_chunks=1):
 
     def read(source=None, **options):
         raw = readers.read_stl10(source, **options)
-        real = raw.splits[split]
+        real = raw.partitions[split]
 
         def chunks():
             for n, chunk in enumerate(real.chunks()):
@@ -29,7 +30,7 @@ def stl10_reader_failing_in(split, error, *, after_chunks=1):
                 yield chunk
             raise error
 
-        raw.splits[split] = SplitSource(real.count, chunks)
+        raw.partitions[split] = PartitionSource(real.count, chunks)
         return raw
 
     return DatasetReader("stl10", read, True, readers.DATASETS["stl10"].source_hint)
@@ -53,8 +54,8 @@ def test_source_yielding_fewer_images_than_announced_is_an_error_and_leaves_noth
                                                                                      monkeypatch):
     def read(source=None, **options):
         raw = readers.read_stl10(source, **options)
-        real = raw.splits["unlabeled"]
-        raw.splits["unlabeled"] = SplitSource(real.count + 1, real.chunks)
+        real = raw.partitions["unlabeled"]
+        raw.partitions["unlabeled"] = PartitionSource(real.count + 1, real.chunks)
         return raw
 
     monkeypatch.setitem(readers.DATASETS, "stl10", DatasetReader("stl10", read, True, "hint"))

@@ -12,11 +12,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from raw_sources import (SYNTH_TRAIN_COUNTS, make_image_tree, make_miniimagenet_pickle, read_converted,
-                         row_multiset, sha256_of, write_synth)
+from raw_sources import (
+    SYNTH_TRAIN_COUNTS,
+    make_image_tree,
+    make_miniimagenet_pickle,
+    read_converted,
+    row_multiset,
+    sha256_of,
+    write_synth,
+)
 
 import data_prep.parquet
-from data_prep.__main__ import convert, main
+from data_prep.__main__ import main
+from data_prep.convert import convert
 
 
 def class_counts(labels) -> dict:
@@ -55,12 +63,12 @@ def test_cifar10_dataset_json_records_classes_shape_counts_and_checksums(tmp_pat
     info, _ = convert("cifar10", cifar10_source.path, tmp_path)
     meta = json.loads((tmp_path / "cifar10" / "dataset.json").read_text())
     assert meta == info.meta
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert meta["name"] == "cifar10"
     assert meta["classes"] == cifar10_source.classes
     assert meta["num_classes"] == 10
     assert meta["image_shape"] == [32, 32, 3]
-    assert meta["splits"] == {
+    assert meta["partitions"] == {
         "train": {"count": 20, "first_index": 0, "files": ["train/part-00000.parquet"],
                   "class_counts": class_counts(cifar10_source.labels("train"))},
         "test": {"count": 6, "first_index": 0, "files": ["test/part-00000.parquet"],
@@ -72,7 +80,7 @@ def test_cifar10_dataset_json_records_classes_shape_counts_and_checksums(tmp_pat
     assert sorted(p.name for p in (tmp_path / "cifar10").iterdir()) == ["dataset.json", "splits", "test", "train"]
 
 
-def test_parquet_schema_is_index_image_struct_label_with_huggingface_metadata(tmp_path, cifar10_source):
+def test_parquet_schema_is_index_image_struct_label_with_huggingface_class_labels(tmp_path, cifar10_source):
     convert("cifar10", cifar10_source.path, tmp_path)
     schema = pq.read_schema(tmp_path / "cifar10" / "train" / "part-00000.parquet")
     assert schema.names == ["index", "image", "label"]
@@ -83,7 +91,7 @@ def test_parquet_schema_is_index_image_struct_label_with_huggingface_metadata(tm
     assert features == {
         "index": {"dtype": "int64", "_type": "Value"},
         "image": {"_type": "Image"},
-        "label": {"dtype": "int64", "_type": "Value"},
+        "label": {"names": cifar10_source.classes, "_type": "ClassLabel"},
     }
     image = pq.read_table(tmp_path / "cifar10" / "train" / "part-00000.parquet")["image"].combine_chunks()
     assert image.field("bytes").to_pylist()[0].startswith(b"\x89PNG\r\n\x1a\n")
@@ -96,9 +104,9 @@ def test_cifar100_round_trips_fine_labels_and_names(tmp_path, cifar100_source):
         assert_round_trip(tmp_path / "cifar100", split, cifar100_source.images(split), cifar100_source.labels(split))
     assert info.meta["classes"] == cifar100_source.classes
     assert info.meta["num_classes"] == 100
-    assert info.meta["splits"]["train"]["count"] == 150
-    assert info.meta["splits"]["train"]["class_counts"] == {str(c): 2 if c < 50 else 1 for c in range(100)}
-    assert info.meta["splits"]["test"]["class_counts"] == {str(c): 1 for c in range(100)}
+    assert info.meta["partitions"]["train"]["count"] == 150
+    assert info.meta["partitions"]["train"]["class_counts"] == {str(c): 2 if c < 50 else 1 for c in range(100)}
+    assert info.meta["partitions"]["test"]["class_counts"] == {str(c): 1 for c in range(100)}
     assert info.meta["source_sha256"] == sha256_of(cifar100_source.path)
 
 
@@ -109,16 +117,16 @@ def test_stl10_round_trips_column_major_images_and_one_based_labels(tmp_path, st
         assert_round_trip(tmp_path / "stl10", split, stl10_source.images(split), stl10_source.labels(split))
     assert info.meta["classes"] == stl10_source.classes
     assert info.meta["image_shape"] == [96, 96, 3]
-    assert info.meta["splits"]["train"]["class_counts"] == {str(c): 2 for c in range(10)}
+    assert info.meta["partitions"]["train"]["class_counts"] == {str(c): 2 for c in range(10)}
 
 
 def test_stl10_unlabeled_rows_get_label_minus_1_and_indexes_continuing_after_train(tmp_path, stl10_source):
     info, _ = convert("stl10", stl10_source.path, tmp_path, chunk_size=2)
     assert_round_trip(tmp_path / "stl10", "unlabeled", stl10_source.images("unlabeled"),
                       np.full(5, -1), first_index=20)
-    assert info.meta["splits"]["unlabeled"] == {
+    assert info.meta["partitions"]["unlabeled"] == {
         "count": 5, "first_index": 20, "files": ["unlabeled/part-00000.parquet"], "class_counts": {"-1": 5}}
-    assert info.pool_splits() == ["train", "unlabeled"]
+    assert info.pool_partitions() == ["train", "unlabeled"]
 
 
 # --- trees and pickles, split into train/test by the converter -------------------------------
@@ -132,12 +140,12 @@ def test_imagefolder_tree_round_trips_with_a_stratified_test_split(tmp_path):
     _, train_images, train_labels = read_converted(root / "imagefolder", "train")
     _, test_images, test_labels = read_converted(root / "imagefolder", "test")
     assert row_multiset(np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])) \
-        == row_multiset(*source.splits["all"])
+        == row_multiset(*source.partitions["all"])
     meta = json.loads((root / "imagefolder" / "dataset.json").read_text())
     assert meta["classes"] == ["cat", "dog", "fox"]
     assert meta["image_shape"] == [16, 16, 3]
-    assert meta["splits"]["test"]["class_counts"] == {"0": 1, "1": 1, "2": 1}  # round(5 * 0.2)
-    assert meta["splits"]["train"]["class_counts"] == {"0": 4, "1": 4, "2": 4}
+    assert meta["partitions"]["test"]["class_counts"] == {"0": 1, "1": 1, "2": 1}  # round(5 * 0.2)
+    assert meta["partitions"]["train"]["class_counts"] == {"0": 4, "1": 4, "2": 4}
 
 
 def test_imagefolder_with_train_and_test_folders_keeps_that_split(tmp_path):
@@ -145,11 +153,11 @@ def test_imagefolder_with_train_and_test_folders_keeps_that_split(tmp_path):
     test = make_image_tree(tmp_path / "tree" / "test", seed=2, per_class=2)
     convert("imagefolder", tmp_path / "tree", tmp_path / "data", image_size=16)
     _, images, labels = read_converted(tmp_path / "data" / "imagefolder", "train")
-    np.testing.assert_array_equal(images, train.splits["all"][0])
-    np.testing.assert_array_equal(labels, train.splits["all"][1])
+    np.testing.assert_array_equal(images, train.partitions["all"][0])
+    np.testing.assert_array_equal(labels, train.partitions["all"][1])
     _, images, labels = read_converted(tmp_path / "data" / "imagefolder", "test")
-    np.testing.assert_array_equal(images, test.splits["all"][0])
-    np.testing.assert_array_equal(labels, test.splits["all"][1])
+    np.testing.assert_array_equal(images, test.partitions["all"][0])
+    np.testing.assert_array_equal(labels, test.partitions["all"][1])
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5], ids=lambda p: f"protocol{p}")
@@ -159,10 +167,10 @@ def test_miniimagenet_pickle_round_trips_images_by_class_dict(tmp_path, protocol
     _, train_images, train_labels = read_converted(tmp_path / "data" / "miniimagenet", "train")
     _, test_images, test_labels = read_converted(tmp_path / "data" / "miniimagenet", "test")
     assert row_multiset(np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])) \
-        == row_multiset(*source.splits["all"])
+        == row_multiset(*source.partitions["all"])
     assert info.meta["classes"] == ["n01532829", "n01558993", "n01704323"]
     assert info.meta["image_shape"] == [84, 84, 3]
-    assert info.meta["splits"]["test"]["class_counts"] == {"0": 1, "1": 1, "2": 1}  # 6 per class, 1/6 test
+    assert info.meta["partitions"]["test"]["class_counts"] == {"0": 1, "1": 1, "2": 1}  # 6 per class, 1/6 test
 
 
 def test_miniimagenet_folder_of_cache_pickles_joins_their_classes_in_file_order(tmp_path):
@@ -189,7 +197,7 @@ def test_digits_converts_with_sklearns_counts_and_pixels_rescaled_to_0_255(tmp_p
 
     bunch = load_digits()
     info, _ = convert("digits", data_root=tmp_path)
-    splits = info.meta["splits"]
+    splits = info.meta["partitions"]
     assert splits["train"]["count"] + splits["test"]["count"] == 1797
     totals = Counter()
     for split in ("train", "test"):
@@ -213,7 +221,7 @@ def test_mnist5k_converts_5000_images_500_per_class_equal_to_mlxtends_csv(tmp_pa
     with gzip.open(Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz", "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     info, _ = convert("mnist5k", data_root=tmp_path)
-    splits = info.meta["splits"]
+    splits = info.meta["partitions"]
     assert (splits["train"]["count"], splits["test"]["count"]) == (4000, 1000)
     assert splits["train"]["class_counts"] == {str(c): 400 for c in range(10)}
     assert splits["test"]["class_counts"] == {str(c): 100 for c in range(10)}
@@ -232,7 +240,7 @@ def test_large_splits_are_cut_into_several_files_of_several_row_groups_with_cons
     monkeypatch.setattr(data_prep.parquet, "ROWS_PER_GROUP", 100)
     monkeypatch.setattr(data_prep.parquet, "ROWS_PER_FILE", 300)
     synth = write_synth(tmp_path)
-    files = synth.info.meta["splits"]["train"]["files"]
+    files = synth.info.meta["partitions"]["train"]["files"]
     assert files == [f"train/part-0000{i}.parquet" for i in range(3)]
     layout = [[pq.ParquetFile(synth.info.path / f).metadata.row_group(g).num_rows
                for g in range(pq.ParquetFile(synth.info.path / f).metadata.num_row_groups)] for f in files]

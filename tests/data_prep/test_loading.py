@@ -1,4 +1,4 @@
-"""Specification of loading (loading.py, DESIGN.md 3.3): a split's rows come back exactly, and a
+"""Specification of loading (loading.py): a split's rows come back exactly, and a
 dataset whose Parquet files are damaged or changed is refused with an error naming the file."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from raw_sources import write_synth
 
 from data_prep import DataPrepError
-from data_prep.__main__ import convert
+from data_prep.convert import convert
 from data_prep.loading import load_arrays, resolve
 from data_prep.splits import SplitSpec, load_split, make_split, save_split
 
@@ -17,8 +17,8 @@ from data_prep.splits import SplitSpec, load_split, make_split, save_split
 def test_load_arrays_returns_exactly_the_rows_of_an_lt_split(synth):
     split = load_split(synth.info, "synth_LT_10.1@60")
     arrays = load_arrays("synth", "synth_LT_10.1@60", synth.root)
-    np.testing.assert_array_equal(arrays.labeled_images, synth.train_images[split.labeled_indices])
-    np.testing.assert_array_equal(arrays.labeled_labels, synth.train_labels[split.labeled_indices])
+    np.testing.assert_array_equal(arrays.labeled_images, synth.train_images[np.sort(split.labeled_indices)])
+    np.testing.assert_array_equal(arrays.labeled_labels, synth.train_labels[np.sort(split.labeled_indices)])
     np.testing.assert_array_equal(arrays.unlabeled_images, synth.train_images)  # the whole pool, in index order
     np.testing.assert_array_equal(arrays.unlabeled_labels, synth.train_labels)
     np.testing.assert_array_equal(arrays.test_images, synth.test_images)
@@ -33,8 +33,8 @@ def test_load_arrays_follows_a_subset_pool_and_repeated_labeled_rows(synth):
     save_split(synth.info, split)
     assert len(split.labeled_indices) > len(set(split.labeled_indices.tolist()))  # some rows twice
     arrays = load_arrays("synth", "sub", synth.root)
-    np.testing.assert_array_equal(arrays.labeled_images, synth.train_images[split.labeled_indices])
-    np.testing.assert_array_equal(arrays.labeled_labels, synth.train_labels[split.labeled_indices])
+    np.testing.assert_array_equal(arrays.labeled_images, synth.train_images[np.sort(split.labeled_indices)])
+    np.testing.assert_array_equal(arrays.labeled_labels, synth.train_labels[np.sort(split.labeled_indices)])
     np.testing.assert_array_equal(arrays.unlabeled_images, synth.train_images[split.unlabeled_indices])
     np.testing.assert_array_equal(arrays.unlabeled_labels, synth.train_labels[split.unlabeled_indices])
 
@@ -49,8 +49,8 @@ def test_stl10_pool_spans_train_and_unlabeled_rows_which_load_with_label_minus_1
     assert split.unlabeled_without_label == 5
     assert set(split.labeled_indices.tolist()) <= set(range(20))  # only rows with a label are labeled
     arrays = load_arrays("stl10", "ten", tmp_path)
-    np.testing.assert_array_equal(arrays.labeled_images, pool_images[split.labeled_indices])
-    np.testing.assert_array_equal(arrays.labeled_labels, pool_labels[split.labeled_indices])
+    np.testing.assert_array_equal(arrays.labeled_images, pool_images[np.sort(split.labeled_indices)])
+    np.testing.assert_array_equal(arrays.labeled_labels, pool_labels[np.sort(split.labeled_indices)])
     np.testing.assert_array_equal(arrays.unlabeled_images, pool_images)
     np.testing.assert_array_equal(arrays.unlabeled_labels, pool_labels)
     np.testing.assert_array_equal(arrays.test_images, stl10_source.images("test"))
@@ -125,9 +125,18 @@ def test_corrupt_split_file_is_an_error_naming_it(synth):
     assert str(error.value).startswith(f"{path}: ")
 
 
+def test_a_version_1_dataset_json_opens_with_its_partitions_under_the_old_key(synth):
+    meta_path = synth.info.path / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    old = {**{k: v for k, v in meta.items() if k != "partitions"}, "format_version": 1, "splits": meta["partitions"]}
+    meta_path.write_text(json.dumps(old))
+    arrays = load_arrays("synth", "synth_LT_10.1@60", synth.root)
+    np.testing.assert_array_equal(arrays.test_images, synth.test_images)
+
+
 def test_dataset_json_of_another_format_version_is_refused(synth):
     meta_path = synth.info.path / "dataset.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(DataPrepError, match=r"format version 99, expected 1$"):
+    with pytest.raises(DataPrepError, match=r"format version 99, expected 2$"):
         resolve("synth", "synth.1@40", synth.root)

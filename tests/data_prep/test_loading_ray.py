@@ -7,7 +7,7 @@ import pytest
 from raw_sources import write_synth
 
 import data_prep.parquet
-from data_prep.__main__ import convert
+from data_prep.convert import convert
 from data_prep.loading import load_arrays, ray_datasets, resolve
 from data_prep.splits import SplitSpec, make_split, save_split
 
@@ -43,8 +43,11 @@ def check_split(data_root, dataset, split_name):
     assert sorted(datasets) == ["labeled", "test", "unlabeled"] + (["valid"] if split.has_validation else [])
     if split.has_validation:
         assert_same_rows(datasets["valid"], split.valid_indices, arrays.valid_images, arrays.valid_labels)
-    assert_same_rows(datasets["labeled"], split.labeled_indices, arrays.labeled_images, arrays.labeled_labels)
+    assert_same_rows(datasets["labeled"], np.sort(split.labeled_indices), arrays.labeled_images, arrays.labeled_labels)
     assert_same_rows(datasets["unlabeled"], split.unlabeled_indices, arrays.unlabeled_images, arrays.unlabeled_labels)
+    # Each unlabeled row knows its place in the split's unlabeled list (a method's per-row memory).
+    for row in datasets["unlabeled"].take_all():
+        assert split.unlabeled_indices[row["position"]] == row["index"]
     assert_same_rows(datasets["test"], np.arange(len(arrays.test_labels)), arrays.test_images, arrays.test_labels)
 
 

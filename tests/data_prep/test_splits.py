@@ -1,4 +1,4 @@
-"""Specification of MNAR splits (splits.py, DESIGN.md 3.2): per-class counts, reproducibility,
+"""Specification of MNAR splits (splits.py, docs/method.md "MNAR splits"): per-class counts, reproducibility,
 interleaved labeled order, unlabeled pools, aliases, and the split file."""
 
 import json
@@ -10,8 +10,7 @@ import pytest
 from raw_sources import SYNTH_TRAIN_COUNTS
 
 from data_prep.__main__ import main
-from data_prep.splits import (SplitSpec, load_split, long_tail_counts, make_split, parse_split_name,
-                              random_rate_counts)
+from data_prep.splits import SplitSpec, load_split, long_tail_counts, make_split, parse_split_name, random_rate_counts
 
 
 def exact_long_tail(n_max, gamma, num_classes) -> list:
