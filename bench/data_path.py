@@ -40,11 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.__main__ import convert  # noqa: E402
+from data_prep.convert import convert  # noqa: E402
 from data_prep.loading import load_arrays, ray_datasets  # noqa: E402
 from data_prep.splits import SplitSpec, make_split, save_split  # noqa: E402
 from trainables.augment import strong_augment, weak_augment  # noqa: E402
-from trainables.train import to_unit_float  # noqa: E402
+from trainables.step import to_unit_float  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -141,8 +141,8 @@ def baseline_loader(archive: Path, batch_size: int, workers: int):
             self.data = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             weak = [transforms.RandomHorizontalFlip(), transforms.RandomCrop(32, padding=4, padding_mode="reflect")]
             self.weak = transforms.Compose([*weak, transforms.ToTensor()])
-            self.strong = transforms.Compose([*weak, transforms.RandAugment(2, 10), transforms.ToTensor(),
-                                              transforms.RandomErasing(p=1.0, scale=(0.0, 0.25), ratio=(1, 1), value=0.5)])
+            cutout = transforms.RandomErasing(p=1.0, scale=(0.0, 0.25), ratio=(1, 1), value=0.5)
+            self.strong = transforms.Compose([*weak, transforms.RandAugment(2, 10), transforms.ToTensor(), cutout])
 
         def __len__(self):
             return len(self.data)

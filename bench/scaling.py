@@ -9,7 +9,8 @@ across the workers, so more workers means less work per worker per step. Time pe
 images/s come from the training loop's own timing of the last evaluation interval (the second
 half of the run: start-up, data loading and warm-up excluded); the run's whole wall time is
 reported too. Each worker runs one torch thread, so N workers also use N cores: on CPU this
-measures what a user gets by adding workers, not the efficiency of the all-reduce alone. Runs alternate in the order given; speedup is against the first worker count.
+measures what a user gets by adding workers, not the efficiency of the all-reduce alone. Runs
+alternate in the order given; speedup is against the first worker count.
 `synthetic_cifar10` converts 10,000 generated 32x32 images in the CIFAR-10 format (see
 data_path.py). The last line is JSON.
 """
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def prepare(dataset: str, data_root: Path) -> tuple[str, str]:
     """(dataset, split) ready under data_root."""
-    from data_prep.__main__ import convert, prepare as prepare_builtin
+    from data_prep.convert import convert
+    from data_prep.convert import prepare as prepare_builtin
     from data_prep.splits import SplitSpec, make_split, save_split
 
     if dataset == "digits":
@@ -73,7 +75,8 @@ def main(argv=None):
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         config = TrainConfig.from_dict({
             "dataset": dataset, "split": split, "data_root": str(tmp / "data"), "model": args.model,
-            "steps": args.steps, "eval_every": args.steps - args.steps // 2, "batch_size": args.batch_size, "mu": args.mu,
+            "steps": args.steps, "eval_every": args.steps - args.steps // 2, "batch_size": args.batch_size,
+            "mu": args.mu,
             "cap": True, "cai": True, "cadr": True,
         })
         images_per_step = args.batch_size * (1 + 2 * args.mu)

@@ -6,7 +6,7 @@ Both steps start from uint8 images already in memory and include augmentation, o
 over labeled + weak + strong, the loss, backward, SGD and the EMA update. The plain step is how a
 straightforward PyTorch port does it: per-image torchvision transforms in a Python loop,
 contiguous (NCHW) tensors, a `.item()` per step for logging, a per-parameter EMA loop.
-Ours is `trainables.train.train_step` (batched tensor augmentation, channels-last, no host
+Ours is `trainables.step.train_step` (batched tensor augmentation, channels-last, no host
 sync, fused EMA; optionally torch.compile). Rounds alternate between the two so that machine
 noise hits both alike; the medians are compared. The last line is JSON.
 """
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from trainables.config import LossConfig, TrainConfig
+from trainables.config import TrainConfig
 from trainables.models import create_model, weight_decay_parameters
-from trainables.train import build_state, normalize, train_step
+from trainables.step import build_state, normalize, train_step
 
 
 class PlainFixMatchStep:
@@ -80,7 +80,8 @@ def main():
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
-    parser.add_argument("--cadr", action="store_true", help="time ours with CAP+CAI+CADR (default: plain FixMatch loss)")
+    parser.add_argument("--cadr", action="store_true",
+                        help="time ours with CAP+CAI+CADR (default: plain FixMatch loss)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators for one step of each")
     args = parser.parse_args()
@@ -94,9 +95,9 @@ def main():
     labels = torch.randint(0, args.num_classes, (n_labeled,), generator=g).to(device)
     unlabeled = torch.randint(0, 256, (n_unlabeled, *shape), generator=g, dtype=torch.uint8).to(device)
 
-    loss = LossConfig(cap=True, cai=True, cadr=True) if args.cadr else LossConfig()
-    config = TrainConfig(model=args.model, batch_size=args.batch_size, mu=args.mu, steps=10_000,
-                         compile=args.compile, loss=loss)
+    flags = {"cap": True, "cai": True, "cadr": True} if args.cadr else {}
+    config = TrainConfig.from_dict({"model": args.model, "batch_size": args.batch_size, "mu": args.mu,
+                                    "steps": 10_000, "compile": args.compile, **flags})
     state = build_state(config, args.num_classes, shape, device)
     forward = torch.compile(state.model) if args.compile else state.model
     torch.manual_seed(0)
@@ -121,7 +122,7 @@ def main():
         for _ in range(args.steps):
             last = step_fn()
         if isinstance(last, dict):
-            float(last["total"])  # one host read per round, as a logger would do
+            float(last["loss/total"])  # one host read per round, as a logger would do
         sync()
         return (time.perf_counter() - start) / args.steps
 

@@ -8,7 +8,7 @@ seeds 0..K-1), one at a time, each on one torch thread with OMP_NUM_THREADS=1 (a
 its workers), and each side is timed as a user waits for it: a fresh Python process from start
 to exit.
 
-  direct  one process runs trainables.train.train(config) K times (the dataset is decoded
+  direct  one process runs trainables.loop.train(config) K times (the dataset is decoded
           once and cached, as a reused trial actor does too).
   study   python -m study.launch with a grid over the K seeds and max_concurrent 1: Ray
           start-up, Tune, Optuna-free grid search, a checkpoint and report per evaluation, the
@@ -45,10 +45,10 @@ def run_direct(trials: int, steps: int, data_root: str) -> None:
     """The K trainings, one after another, in this process."""
     import torch
 
-    from data_prep.__main__ import prepare
+    from data_prep.convert import prepare
     from data_prep.splits import SplitSpec
     from trainables.config import TrainConfig
-    from trainables.train import train
+    from trainables.loop import train
 
     torch.set_num_threads(1)
     prepare("digits", data_root)

@@ -1,4 +1,5 @@
-"""Batched image augmentation for FixMatch: weak, RandAugment (FixMatch's variant) and CTAugment.
+"""Batched image augmentation for FixMatch: weak, RandAugment (FixMatch's variant) and CTAugment,
+chosen per branch (labeled, weak unlabeled, strong unlabeled) by an `augment` string "L.W.S".
 
 Shape contract: every function takes a floating-point NCHW batch with values in [0, 1], one or
 three channels, on any device, and returns a batch of the same shape, dtype and device, still
@@ -15,15 +16,18 @@ Reference: google-research/fixmatch (``libml/augment.py``, ``libml/ctaugment.py`
 FixMatch paper's Table 12. The geometric ops follow PIL's conventions (nearest-neighbour
 sampling, black outside the image, shear about the top-left corner) as the reference does.
 
-Adding a strong augmentation is adding one class with ``__call__(images, *, flip, generator)
--> (images, policy)``, ``uses_probes``, ``state_dict`` and ``load_state_dict`` to
-``STRONG_AUGMENTATIONS``.
+The parts of an `augment` string, each a function of (images, flip, generator) in `PARTS`:
+x (identity), d (the default weak augmentation: flip where allowed, and translation), ra
+(RandAugment), rac (RandAugment + Cutout), cta (CTAugment, with its learned bin weights). As in
+the original project, `d` on the strong branch means CTAugment. `Augmenter` holds the three
+branches and, when any of them is `cta`, the one CTAugment whose state they share.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -321,13 +325,13 @@ RANDAUGMENT_OPS: dict[str, Op] = {
 
 
 def _randaugment(images: Tensor, *, flip: bool, generator: torch.Generator,
-                 num_ops: int) -> tuple[Tensor, Policy]:
+                 num_ops: int, with_cutout: bool = True) -> tuple[Tensor, Policy]:
     images = weak_augment(images, flip=flip, generator=generator)
     count = images.shape[0]
     policy = Policy(ops=torch.randint(len(RANDAUGMENT_OPS), (count, num_ops), generator=generator),
                     levels=torch.rand(count, num_ops, 1, generator=generator))
     images = _apply_policy(images, policy, tuple(RANDAUGMENT_OPS.values()), generator)
-    return cutout(images, generator=generator), policy
+    return (cutout(images, generator=generator) if with_cutout else images), policy
 
 
 def strong_augment(images: Tensor, *, flip: bool, generator: torch.Generator,
@@ -336,29 +340,6 @@ def strong_augment(images: Tensor, *, flip: bool, generator: torch.Generator,
     with replacement from ``RANDAUGMENT_OPS`` per sample, each with its own magnitude, then
     ``cutout`` (side up to half the image's)."""
     return _randaugment(images, flip=flip, generator=generator, num_ops=num_ops)[0]
-
-
-class RandAugment:
-    """``strong_augment`` behind the strong-augmentation interface: no state, no probes."""
-
-    uses_probes = False
-    op_names = tuple(RANDAUGMENT_OPS)
-
-    def __init__(self, num_ops: int = 2):
-        if num_ops < 1:
-            raise TrainConfigError(f"randaugment num_ops must be >= 1, got {num_ops}")
-        self.num_ops = num_ops
-
-    def __call__(self, images: Tensor, *, flip: bool,
-                 generator: torch.Generator) -> tuple[Tensor, Policy]:
-        return _randaugment(images, flip=flip, generator=generator, num_ops=self.num_ops)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if state:
-            raise TrainConfigError(f"randaugment has no state, got keys {sorted(state)}")
 
 
 # ----------------------------------------------------------------------------- CTAugment
@@ -521,15 +502,69 @@ class CTAugment:
         self.rates = rates.detach().float().cpu() * self._valid_bins
 
 
-STRONG_AUGMENTATIONS: dict[str, type[RandAugment] | type[CTAugment]] = {
-    "randaugment": RandAugment,
-    "ctaugment": CTAugment,
+# ------------------------------------------------------------------ augmentation per branch
+
+# What each part of an augment string does to a batch; `cta` is the Augmenter's own CTAugment.
+PARTS = {
+    "x": "identity",
+    "d": "the default weak augmentation: flip where the dataset allows it, and translation",
+    "ra": "RandAugment (2 ops per image, FixMatch's variant)",
+    "rac": "RandAugment + Cutout",
+    "cta": "CTAugment (its bin weights learned from labeled probes) + its Cutout",
 }
+BRANCHES = ("labeled", "weak", "strong")
+DEFAULT_AUGMENT = "d.d.rac"  # FixMatch's: weak labeled, weak unlabeled, RandAugment + Cutout
 
 
-def create_strong_augmentation(name: str, **options) -> RandAugment | CTAugment:
-    """The strong augmenter registered under ``name``, built with ``options``."""
-    if name not in STRONG_AUGMENTATIONS:
-        raise TrainConfigError(f"strong_augmentation must be one of "
-                               f"{sorted(STRONG_AUGMENTATIONS)}, got {name!r}")
-    return STRONG_AUGMENTATIONS[name](**options)
+def parse_augment(text: str) -> tuple[str, str, str]:
+    """"L.W.S" -> the parts of the labeled, weak-unlabeled and strong-unlabeled branches. As in
+    the original project, `d` on the strong branch means CTAugment."""
+    parts = text.split(".") if isinstance(text, str) else []
+    if len(parts) != 3 or not all(part in PARTS or part == "d" for part in parts):
+        raise TrainConfigError(f"augment must be L.W.S, three parts each one of {', '.join(PARTS)} "
+                               f"(a strong d means cta), e.g. {DEFAULT_AUGMENT}; got {text!r}")
+    labeled, weak, strong = parts
+    return labeled, weak, "cta" if strong == "d" else strong
+
+
+class Augmenter:
+    """The three branches of a step's augmentation, from an augment string "L.W.S". Every part
+    runs batched on the images' device; randomness comes from the step's CPU generator, drawn in
+    the order labeled, weak, strong. When a branch uses CTAugment, `probe`/`update` let it learn,
+    and its state is the one `state_dict` holds."""
+
+    def __init__(self, augment: str = DEFAULT_AUGMENT):
+        self.parts = dict(zip(BRANCHES, parse_augment(augment)))
+        self.ctaugment = CTAugment() if "cta" in self.parts.values() else None
+
+    @property
+    def uses_probes(self) -> bool:
+        return self.ctaugment is not None
+
+    def __call__(self, branch: str, images: Tensor, *, flip: bool, generator: torch.Generator) -> Tensor:
+        """The `branch` ("labeled", "weak" or "strong") of an NCHW batch in [0, 1]."""
+        part = self.parts[branch]
+        if part == "x":
+            return images
+        if part == "d":
+            return weak_augment(images, flip=flip, generator=generator)
+        if part == "cta":
+            return self.ctaugment(images, flip=flip, generator=generator)[0]
+        return _randaugment(images, flip=flip, generator=generator, num_ops=2, with_cutout=part == "rac")[0]
+
+    def probe(self, images: Tensor, *, generator: torch.Generator) -> tuple[Tensor, Policy]:
+        return self.ctaugment.probe(images, generator=generator)
+
+    def update(self, policy: Policy, probe_probs: Tensor, labels: Tensor) -> None:
+        self.ctaugment.update(policy, probe_probs, labels)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.ctaugment.state_dict() if self.ctaugment is not None else {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if (self.ctaugment is None) != (not state):
+            raise TrainConfigError("the checkpoint's augmentation state does not match augment="
+                                   f"{'.'.join(self.parts.values())} (CTAugment state saved without a cta branch, "
+                                   "or missing with one)")
+        if self.ctaugment is not None:
+            self.ctaugment.load_state_dict(state)

@@ -1,6 +1,6 @@
-"""FixMatch losses with the class-aware corrections CAP, CAI and CADR (DESIGN.md section 4).
+"""FixMatch losses with the class-aware corrections CAP, CAI and CADR (docs/method.md).
 
-Notation as in the design: a labeled batch of B rows (``logits_x`` z_l, ``labels`` y), an
+Notation as in docs/method.md: a labeled batch of B rows (``logits_x`` z_l, ``labels`` y), an
 unlabeled batch of mu*B rows seen weakly (``logits_weak`` z_w) and strongly (``logits_strong``
 z_s), C classes, and the class prior ``p_ema`` (C,) carried in the training state.
 `compute_losses` is one step; the functions before it are its named pieces. Pure functions of
@@ -23,8 +23,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from trainables.errors import TrainConfigError
 
 PROPENSITY_FLOOR = 1e-12
 """Smallest propensity put into 1/pi, so an all-zero W or a class absent from q stays finite."""
@@ -122,10 +120,11 @@ CAP_FORMS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 """How the CAP weight w_i enters labeled row i's loss, by ``cap_form``."""
 
 
-def labeled_loss(logits_x: Tensor, labels: Tensor, q: Tensor | None, cap_form: str,
-                 collective: Collective) -> Tensor:
+def labeled_loss(logits_x: Tensor, labels: Tensor, q: Tensor | None = None, cap_form: str = "reference",
+                 collective: Collective | None = None) -> Tensor:
     """L_x = mean_i CE(z_l[i], y_i); with CAP (q given), mean_i CAP_FORMS[cap_form](CE_i, w_i)
-    where w = normalized_inverse_weights(q[y])."""
+    where w = normalized_inverse_weights(q[y]). The peer methods use the plain form (no q)."""
+    collective = collective or LocalCollective()
     cross_entropy = F.cross_entropy(logits_x, labels, reduction="none")
     if q is not None:
         cross_entropy = CAP_FORMS[cap_form](cross_entropy, normalized_inverse_weights(q[labels], collective))
@@ -160,27 +159,14 @@ def cadr_term(logits_x: Tensor, q: Tensor, thresholds: Tensor, collective: Colle
     return global_mean(mask * log_weights, collective)
 
 
-def validate_loss_options(*, cap: bool, cai: bool, cadr: bool, confidence: float, cai_beta: float,
-                          cap_momentum: float, upper: float, cap_ema: bool, cap_form: str,
-                          wu: float) -> None:
+def validate_loss_options(**options) -> None:
     """Raise TrainConfigError, naming the field and what is allowed, for a bad loss option.
 
-    Takes exactly `compute_losses`'s options, so a config holding them can be checked early.
-    """
-    if cadr and not cap:
-        raise TrainConfigError("cadr=True requires cap=True: CADR re-weights with the CAP propensity")
-    if cap_form not in CAP_FORMS:
-        raise TrainConfigError(f"cap_form must be one of {sorted(CAP_FORMS)}, got {cap_form!r}")
-    ranges = {
-        "confidence": (confidence, 0 < confidence <= 1, "in (0, 1]"),
-        "cai_beta": (cai_beta, cai_beta >= 0, ">= 0"),
-        "cap_momentum": (cap_momentum, 0 <= cap_momentum < 1, "in [0, 1)"),
-        "upper": (upper, upper > 0, "> 0"),
-        "wu": (wu, wu >= 0, ">= 0"),
-    }
-    for name, (value, allowed, allowed_text) in ranges.items():
-        if not allowed:
-            raise TrainConfigError(f"{name} must be {allowed_text}, got {value!r}")
+    Takes exactly `compute_losses`'s options; their types and ranges are the `fixmatch` method's
+    (trainables/methods/fixmatch.py), declared once there."""
+    from trainables.methods.fixmatch import FixMatch
+
+    FixMatch.validate(options)
 
 
 def compute_losses(logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits_strong: Tensor,
@@ -188,7 +174,7 @@ def compute_losses(logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits
                    cai_beta: float = 0.5, cap_momentum: float = 0.99, upper: float = 5.0,
                    cap_ema: bool = True, cap_form: str = "reference", wu: float = 1.0,
                    collective: Collective | None = None) -> LossOutput:
-    """The losses of one FixMatch step with CAP / CAI / CADR (DESIGN.md section 4).
+    """The losses of one FixMatch step with CAP / CAI / CADR (docs/method.md).
 
     Shapes: logits_x (B, C), labels (B,) int64, logits_weak and logits_strong (mu*B, C),
     p_ema (C,), the prior before this step. Rows are this worker's; means and batch statistics
@@ -209,8 +195,7 @@ def compute_losses(logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits
     state that keeps its own precision.
     """
     validate_loss_options(cap=cap, cai=cai, cadr=cadr, confidence=confidence, cai_beta=cai_beta,
-                          cap_momentum=cap_momentum, upper=upper, cap_ema=cap_ema,
-                          cap_form=cap_form, wu=wu)
+                          cap_momentum=cap_momentum, upper=upper, cap_ema=cap_ema, cap_form=cap_form, wu=wu)
     if collective is None:
         collective = LocalCollective()
     out_dtype = logits_x.dtype

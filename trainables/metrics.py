@@ -1,7 +1,7 @@
 """Evaluation metrics: top-1 accuracy, per-class accuracy (recall), their geometric mean (GM) and
-arithmetic mean (balanced accuracy), and a tracker that reports the last value and the medians over the last 10 and 20 evaluations,
-as the paper does. Accuracies are fractions in [0, 1]. Inputs may be torch tensors or numpy
-arrays; pure functions, no I/O.
+arithmetic mean (balanced accuracy), and a tracker that reports the last value and the medians
+over the last 10 and 20 evaluations, as the paper does. Accuracies are fractions in [0, 1].
+Inputs may be torch tensors or numpy arrays; pure functions, no I/O.
 """
 
 from __future__ import annotations

@@ -1,34 +1,20 @@
-"""Data-parallel FixMatch on Ray Train: a TorchTrainer over Ray Data shards (DESIGN.md 3.3, 5).
+"""Data-parallel training on Ray Train: a TorchTrainer over Ray Data shards (docs/method.md).
 
-Each worker decodes its shard of the labeled and unlabeled rows once (uint8, in memory), then
-samples its slice of every global batch from it and runs `train_step` unchanged, with a
-`DistributedCollective` so the batch-level quantities of the method are over the global batch.
-The global batch (B labeled, mu*B unlabeled) is split across the workers: more workers means
-less work per worker, not a larger batch.
-
-Every `eval_every` steps rank 0 evaluates the EMA model on the full test split, writes
-TensorBoard scalars, and reports metrics with a checkpoint; a restarted worker group resumes
-from the last one.
+Only what is Ray's lives here: the resources of the worker group, each worker reading its shard
+of the labeled and unlabeled rows (decoded once, in memory) and handing it to the one training
+loop (trainables/loop.py) with Ray Train's report, checkpoint and DDP wrapper, and `fit`, which
+starts the TorchTrainer.
 """
 
 import os
 import sys
-from math import nan
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
-from trainables.train import (
-    EpochSampler, RunningStats, build_state, evaluation_metrics, train_step, use_flip,
-)
-
-CHECKPOINT_FILE = "state.pt"
+from trainables.loop import LoopContext, TrainData, run_loop
 
 
 @dataclass(frozen=True)
@@ -64,140 +50,56 @@ def validate(config: TrainConfig, resources: Resources, cluster_cpus: float | No
     if workers > cluster_cpus:
         raise TrainConfigError(f"num_workers={workers} exceeds the cluster's {cluster_cpus:g} CPUs")
     if resources.use_gpu and workers > cluster_gpus:
-        raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers} GPUs; the cluster has {cluster_gpus:g}")
+        raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers} GPUs; "
+                               f"the cluster has {cluster_gpus:g}")
 
 
-def _materialize(shard, image_shape) -> dict:
-    """A worker's shard as in-memory numpy arrays (decoded once, sampled from every step)."""
-    images, labels = [], []
+def _materialize(shard, image_shape, columns=("image", "label")) -> dict:
+    """A worker's shard as in-memory numpy arrays (decoded once, sampled from every step), in
+    ascending row index like `load_arrays`: Ray Data may deliver blocks in any order."""
+    parts = {column: [] for column in ("index", *columns)}
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    if not images:
-        return {"image": np.empty((0, *image_shape), np.uint8), "label": np.empty(0, np.int64)}
-    return {"image": np.concatenate(images), "label": np.concatenate(labels)}
-
-
-def _progress_line(metrics, total_steps, width=30) -> str:
-    done = int(width * metrics["step"] / total_steps)
-    valid = (f"valid bal-acc {metrics['valid_balanced_accuracy']:.4f} " if "valid_balanced_accuracy" in metrics
-             else "")
-    return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} {valid}"
-            f"test acc {metrics['test_accuracy']:.4f} gm {metrics['test_gm']:.4f} "
-            f"loss {metrics.get('loss/total', nan):.4f} "
-            f"mask {metrics.get('mask_rate', nan):.3f} {metrics.get('images_per_second', nan):.0f} img/s")
-
-
-@dataclass
-class LoopContext:
-    """What the training loop needs from the Ray API that runs it: Ray Train (one of N workers)
-    or Ray Tune (a single-worker trial training in its own process)."""
-
-    device: torch.device
-    report: Callable  # report(metrics, checkpoint=None)
-    checkpoint_class: type  # ray.train.Checkpoint or ray.tune.Checkpoint
-    restored: object = None  # the checkpoint to resume from, if any
-    rank: int = 0
-    world_size: int = 1
+        for column in parts:
+            parts[column].append(batch[column])
+    empty = {"image": np.empty((0, *image_shape), np.uint8)}
+    arrays = {column: np.concatenate(values) if values else empty.get(column, np.empty(0, np.int64))
+              for column, values in parts.items()}
+    order = np.argsort(arrays.pop("index"), kind="stable")
+    return {column: values[order] for column, values in arrays.items()}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker entry point. loop_config: {"train": TrainConfig.to_dict(),
-    "classes": int, "image_shape": [H, W, C], "tensorboard_dir": str | None, "torch_threads": int}."""
+    "classes": int, "image_shape": [H, W, C], "num_unlabeled": int, "has_valid": bool,
+    "tensorboard_dir": str | None, "torch_threads": int}."""
     import ray.data
     import ray.train
     import ray.train.torch
+    import torch
 
     torch.set_num_threads(loop_config.get("torch_threads", 1))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_context = ray.train.get_context()
-    context = LoopContext(device=ray.train.torch.get_device(), report=ray.train.report,
-                          checkpoint_class=ray.train.Checkpoint, restored=ray.train.get_checkpoint(),
-                          rank=train_context.get_world_rank(), world_size=train_context.get_world_size())
+    rank = ray.train.get_context().get_world_rank()
     image_shape = tuple(loop_config["image_shape"])
-    data = {"labeled": _materialize(ray.train.get_dataset_shard("labeled"), image_shape),
-            "unlabeled": _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape)}
-    if context.rank == 0:  # only rank 0 evaluates
-        for split in ("valid", "test") if loop_config.get("has_valid") else ("test",):
-            data[split] = _materialize(ray.train.get_dataset_shard(split), image_shape)
-    run_loop(TrainConfig.from_dict(loop_config["train"]), context, data, loop_config["classes"], image_shape,
-             tensorboard_dir=loop_config.get("tensorboard_dir"))
+    labeled = _materialize(ray.train.get_dataset_shard("labeled"), image_shape)
+    unlabeled = _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape, ("image", "position"))
+    eval_sets = {}
+    if rank == 0:  # only rank 0 evaluates
+        for split in ("valid", "test") if loop_config["has_valid"] else ("test",):
+            rows = _materialize(ray.train.get_dataset_shard(split), image_shape)
+            eval_sets[split] = (rows["image"], rows["label"])
+    data = TrainData(labeled["image"], labeled["label"], unlabeled["image"], unlabeled["position"],
+                     loop_config["num_unlabeled"], loop_config["classes"], image_shape, eval_sets)
 
+    def report(metrics, checkpoint_dir):
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
 
-def run_loop(config: TrainConfig, context: LoopContext, data: dict, num_classes: int, image_shape,
-             tensorboard_dir=None) -> None:
-    """Train from `data` ({"labeled", "unlabeled", "valid", "test"}: {"image", "label"} numpy arrays;
-    "valid" and "test" only on rank 0, "valid" only with a validation set), evaluating,
-    checkpointing and reporting every `eval_every` steps."""
-    rank, world_size, device = context.rank, context.world_size, context.device
-    state = build_state(config, num_classes, image_shape, device)
-    if context.restored is not None:
-        with context.restored.as_directory() as directory:
-            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        state.load_state_dict(saved)
-    collective = None
-    if world_size > 1:
-        import ray.train.torch
-
-        from trainables.distributed import DistributedCollective
-
-        # Each worker augments and samples differently; after a restart, differently again.
-        state.generator.manual_seed(config.seed + 1_000_003 * rank + 7_919 * state.step)
-        state.model = ray.train.torch.prepare_model(state.model, move_to_device=False)
-        collective = DistributedCollective()
-
-    labeled, unlabeled = data["labeled"], data["unlabeled"]
-    eval_sets = {split: (data[split]["image"], data[split]["label"]) for split in ("valid", "test") if data.get(split)}
-    labeled_images = torch.from_numpy(labeled["image"]).to(device)
-    labeled_labels = torch.from_numpy(labeled["label"]).to(device)
-    unlabeled_images = torch.from_numpy(unlabeled["image"]).to(device)
-    local_batch = config.batch_size // world_size
-    labeled_sampler = EpochSampler(len(labeled_labels), local_batch, state.generator)
-    unlabeled_sampler = EpochSampler(len(unlabeled_images), local_batch * config.mu, state.generator)
-    flip = use_flip(config, image_shape)
-
-    writer = None
-    if rank == 0 and tensorboard_dir:
-        from tensorboardX import SummaryWriter
-
-        # TensorBoard hides earlier events at steps >= purge_step: those a lost worker group wrote
-        # after the checkpoint we resume from, but not the checkpoint's own evaluation.
-        writer = SummaryWriter(tensorboard_dir, purge_step=state.step + 1)
-
-    def evaluate_and_report(running: RunningStats) -> None:
-        metrics, checkpoint = {}, None
-        # report() copies the checkpoint into the run's storage; the local copy goes afterwards.
-        with tempfile.TemporaryDirectory(prefix="fixmatch-ckpt-") as directory:
-            if rank == 0:
-                metrics = evaluation_metrics(state, config, eval_sets, num_classes, device, running)
-                torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
-                checkpoint = context.checkpoint_class.from_directory(directory)
-                if writer is not None:
-                    for key, value in metrics.items():
-                        writer.add_scalar(key, value, state.step)
-                    writer.flush()
-                print(_progress_line(metrics, config.steps), file=sys.stdout, flush=True)
-            else:
-                running.means(state.step)  # every worker stops on a non-finite loss
-            context.report(metrics, checkpoint=checkpoint)
-
-    if state.step >= config.steps:
-        # Restored from the final checkpoint (e.g. a study resumed after its driver died just as
-        # this run finished): report the final state once, so the run still has a result.
-        evaluate_and_report(RunningStats())
-    running = RunningStats()
-    images_per_step = config.batch_size * (1 + 2 * config.mu)  # global
-    while state.step < config.steps:
-        rows = labeled_sampler.next().to(device)
-        stats = train_step(state, config, labeled_images[rows], labeled_labels[rows],
-                           unlabeled_images[unlabeled_sampler.next().to(device)],
-                           flip=flip, collective=collective)
-        running.add(stats, images_per_step)
-        if state.step % config.eval_every == 0 or state.step == config.steps:
-            evaluate_and_report(running)
-            running = RunningStats()
-    if writer is not None:
-        writer.close()
+    context = LoopContext(device=ray.train.torch.get_device(), report=report, restored=ray.train.get_checkpoint(),
+                          rank=rank, world_size=ray.train.get_context().get_world_size(),
+                          wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+                          tensorboard_dir=loop_config.get("tensorboard_dir"))
+    run_loop(TrainConfig.from_dict(loop_config["train"]), data, context)
 
 
 def _tensorboard_dir(storage_path: str, name: str) -> str | None:
@@ -210,12 +112,14 @@ def _tensorboard_dir(storage_path: str, name: str) -> str | None:
 
 
 def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path="results", name=None,
-        max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None, check_resources=True):
+        max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None, check_resources=True,
+        verify=True):
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
 
     Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
     unique per run: Ray resumes a run whose name and storage path already exist. With
-    check_resources=False the workers may wait for nodes an autoscaler has yet to add."""
+    check_resources=False the workers may wait for nodes an autoscaler has yet to add. verify=False
+    skips the dataset's checksum (a study verifies it once, before its first trial)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
@@ -223,7 +127,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
 
     from data_prep.loading import ray_datasets, resolve
 
-    info, split = resolve(config.dataset, config.split, config.data_root)
+    info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
     if not ray.is_initialized():
         ray.init()
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -243,7 +147,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
                                     "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {
         "train": config.to_dict(), "classes": info.num_classes, "image_shape": list(info.image_shape),
-        "has_valid": split.has_validation,
+        "has_valid": split.has_validation, "num_unlabeled": len(split.unlabeled_indices),
         "tensorboard_dir": _tensorboard_dir(storage_path, name) if tensorboard else None,
     }
     trainer = TorchTrainer(

@@ -1,6 +1,7 @@
 """python -m trainables.run: one data-parallel training on Ray, without a sweep.
 
-    python -m trainables.run --dataset digits --split digits_LT_10.1@50 --cadr --num-workers 2 --steps 500
+    python -m trainables.run --dataset digits --split digits_LT_10.1@50-100 --cap --cai --cadr --num-workers 2
+    python -m trainables.run --method flexmatch --dataset digits --split digits_LT_10.1@50-100 --steps 500
 """
 
 import argparse
@@ -9,8 +10,9 @@ import sys
 from dataclasses import fields
 
 from data_prep import DataPrepError
-from trainables.config import LossConfig, TrainConfig
+from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
+from trainables.methods import METHODS
 from trainables.ray_train import Resources, fit
 
 SUMMARY_KEYS = ("step", *(f"{split}_{name}{window}" for split in ("valid", "test")
@@ -18,30 +20,44 @@ SUMMARY_KEYS = ("step", *(f"{split}_{name}{window}" for split in ("valid", "test
                 "loss/total", "mask_rate", "images_per_second")
 
 
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m trainables.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name in ("loss", "device", "flip"):
+        if f.name in ("method", "device", "flip"):
             continue
         value = getattr(defaults, f.name)
-        kind = type(value) if value is not None else str
-        if kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
-    losses = parser.add_argument_group("loss (the paper's names)")
-    for f in fields(LossConfig):
-        value = f.default
+        help = f"{TrainConfig.help(f.name)} (default: {value})"
         if isinstance(value, bool):
-            losses.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=value, help=help)
         else:
-            losses.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
+            parser.add_argument(_flag(f.name), type=type(value) if value is not None else str, default=value,
+                                help=help)
+    methods = parser.add_argument_group("method (each option belongs to the methods named in its help)")
+    methods.add_argument("--method", choices=sorted(METHODS), default="fixmatch", help="default: fixmatch")
+    owners = {}
+    for method in METHODS.values():
+        for name, option in method.all_options().items():
+            owners.setdefault(name, (option, []))[1].append(method.name)
+    for name, (option, names) in owners.items():
+        which = "every method" if len(names) == len(METHODS) else ", ".join(names)
+        help = f"{option.help} ({which}; default {option.default}; {option.allowed})"
+        if option.kind is bool:
+            methods.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                 help=help)
+        else:
+            methods.add_argument(_flag(name), type=option.kind, choices=option.choices, default=argparse.SUPPRESS,
+                                 help=help)
     ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--num-workers", type=int, default=1)
-    ray_group.add_argument("--use-gpu", action="store_true")
-    ray_group.add_argument("--cpus-per-worker", type=float)
+    ray_group.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (default: 1)")
+    ray_group.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ray_group.add_argument("--cpus-per-worker", type=float,
+                           help="CPUs each worker reserves (default: at most 1, leaving one CPU for Ray Data)")
     ray_group.add_argument("--storage", default="results", help="where runs, checkpoints and TensorBoard logs go")
     ray_group.add_argument("--name", help="run name (default: <dataset>-<time>; an existing name resumes)")
     ray_group.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
@@ -74,7 +90,8 @@ def main(argv=None):
     print("final metrics:")
     for key in SUMMARY_KEYS:
         if key in metrics:
-            print(f"  {key:<34} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"  {key:<34} {metrics[key]}")
+            value = metrics[key]
+            print(f"  {key:<34} {value:.4f}" if isinstance(value, float) else f"  {key:<34} {value}")
     print(f"run directory: {result.path}")
     return 0
 

@@ -8,9 +8,14 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from trainables.augment import (CTAUGMENT_OPS, RANDAUGMENT_OPS, STRONG_AUGMENTATIONS, CTAugment,
-                                Policy, RandAugment, create_strong_augmentation, cutout,
-                                strong_augment, weak_augment)
+from trainables.augment import (
+    CTAUGMENT_OPS,
+    RANDAUGMENT_OPS,
+    CTAugment,
+    cutout,
+    strong_augment,
+    weak_augment,
+)
 from trainables.errors import TrainConfigError
 
 SIZES = (8, 28, 32)
@@ -344,27 +349,6 @@ def test_ctaugment_state_dict_round_trips_through_torch_load_weights_only():
 def test_ctaugment_state_with_other_num_bins_is_a_config_error(saved_bins, loading_bins):
     with pytest.raises(TrainConfigError, match="num_bins"):
         CTAugment(num_bins=loading_bins).load_state_dict(CTAugment(num_bins=saved_bins).state_dict())
-
-
-@pytest.mark.parametrize("name", sorted(STRONG_AUGMENTATIONS))
-def test_registered_strong_augmentations_return_images_and_a_policy(name):
-    augmenter = create_strong_augmentation(name)
-    images = _images()
-    out, policy = augmenter(images, flip=True, generator=_generator())
-    assert out.shape == images.shape
-    assert isinstance(policy, Policy) and policy.ops.shape[0] == images.shape[0]
-    assert augmenter.uses_probes == hasattr(augmenter, "probe")
-    assert isinstance(augmenter.state_dict(), dict)
-
-
-def test_randaugment_picks_num_ops_ops_per_sample():
-    _, policy = RandAugment(num_ops=3)(_images(), flip=False, generator=_generator())
-    assert policy.ops.shape == (6, 3)
-
-
-def test_unknown_strong_augmentation_is_a_config_error_naming_the_choices():
-    with pytest.raises(TrainConfigError, match="ctaugment"):
-        create_strong_augmentation("autoaugment")
 
 
 @pytest.mark.parametrize("field,value", [("num_bins", 1), ("decay", 1.0), ("threshold", 0.0),

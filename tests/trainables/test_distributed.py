@@ -1,12 +1,13 @@
 """Specification of the data-parallel step (trainables.distributed + train_step): two workers,
 each given half of a global batch and a `DistributedCollective`, with the model in torch DDP,
-end every step with the same weights, EMA weights, p_ema, losses and mask statistics as one
-process given the whole batch.
+end every step with the same weights, EMA weights, method state, CTAugment state, losses and
+mask statistics as one process given the whole batch.
 
 The comparison is only meaningful when nothing else differs between the two runs, so the model
 has no batch-norm (its statistics are per worker by design) and both augmentations are
-deterministic functions of the input. The two workers are spawned once for the whole module
-(gloo on localhost) and run every case; each test compares one case.
+deterministic functions of the input (CTAugment's probes are drawn for the whole global batch from
+a seed, each worker taking its rows). The two workers are spawned once for the whole module (gloo
+on localhost) and run every case; each test compares one case.
 """
 
 import datetime
@@ -18,20 +19,29 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import trainables.train
-from trainables.config import LossConfig, TrainConfig
+from trainables.augment import Augmenter, CTAugment, Policy
+from trainables.config import TrainConfig
 from trainables.distributed import DistributedCollective
 from trainables.models import MODELS
-from trainables.train import build_state, train_step
+from trainables.step import build_state, train_step
 
 NUM_CLASSES, IMAGE_SHAPE = 4, (8, 8, 1)
 BATCH, MU, STEPS, WORLD_SIZE = 8, 3, 3, 2
+NUM_UNLABELED = STEPS * MU * BATCH  # every unlabeled row of every step has its own position
 
-CASES = {  # name: loss flags
-    "cap_cai_cadr": dict(cap=True, cai=True, cadr=True),
-    "cadr_off": dict(cap=True, cai=True, cadr=False),
-    "cai_off": dict(cap=True, cai=False, cadr=True),
-    "cap_off": dict(cap=False, cai=True, cadr=False),  # CADR needs CAP
+CASES = {  # name: (training options: the method and its options, strong augmentation)
+    "cap_cai_cadr": (dict(method="fixmatch", cap=True, cai=True, cadr=True, confidence=0.6), "mirror"),
+    "cadr_off": (dict(method="fixmatch", cap=True, cai=True, cadr=False, confidence=0.6), "mirror"),
+    "cai_off": (dict(method="fixmatch", cap=True, cai=False, cadr=True, confidence=0.6), "mirror"),
+    "cap_off": (dict(method="fixmatch", cap=False, cai=True, cadr=False, confidence=0.6), "mirror"),  # CADR needs CAP
+    "ctaugment": (dict(method="fixmatch", cap=True, cai=True, cadr=True, confidence=0.6), "ctaugment"),
+    # The peer methods: every batch statistic they keep (means, variances, quantiles, histograms,
+    # FlexMatch's per-row memory) is over the global batch. Short EMAs so the state moves.
+    "flexmatch": (dict(method="flexmatch", confidence=0.6, thresh_warmup=False), "mirror"),
+    "freematch": (dict(method="freematch", ema_m=0.5, ent_loss_ratio=0.5), "mirror"),
+    "freematch_quantile": (dict(method="freematch", ema_m=0.5, use_quantile=True, clip_thresh=True), "mirror"),
+    "softmatch": (dict(method="softmatch", ema_m=0.5), "mirror"),
+    "debiaspl": (dict(method="debiaspl", tau=0.4, qhat_m=0.5, confidence=0.6), "mirror"),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # float64 shows the two runs compute the same function (they agree to ~1e-15); in float32 only
@@ -62,34 +72,32 @@ def tiny_net64(num_classes, in_channels=1, image_size=8):
     return TinyNet(num_classes, in_channels, image_size, torch.float64)
 
 
-class MirrorStrong:
-    """A deterministic stand-in for RandAugment: inverted and mirrored, unlike the weak view."""
+class DeterministicAugmenter(Augmenter):
+    """Deterministic branches: labeled and weak views unchanged, the strong view inverted and
+    mirrored. With `ctaugment`, its CTAugment learns from probes that are the labeled images
+    themselves, with policies drawn for the whole global batch from a per-step seed, each worker
+    taking its rows: both runs feed the same (policy, prediction, label) rows to the bin weights."""
 
-    uses_probes = False
+    def __init__(self, rank, world_size, ctaugment):
+        super().__init__("x.x.cta" if ctaugment else "x.x.rac")
+        self.rank, self.world_size, self.probes = rank, world_size, 0
 
-    def __call__(self, images, *, flip, generator):
-        return 1 - images.flip(-1), None
+    def __call__(self, branch, images, *, flip, generator):
+        return 1 - images.flip(-1) if branch == "strong" else images
 
-
-def identity_weak(images, *, flip, generator):
-    return images
+    def probe(self, images, *, generator):
+        g = torch.Generator().manual_seed(1000 + self.probes)
+        self.probes += 1
+        rows = images.shape[0]
+        policy = self.ctaugment._policy(rows * self.world_size, g, probe=True)
+        mine = slice(self.rank * rows, (self.rank + 1) * rows)
+        return images, Policy(policy.ops[mine], policy.levels[mine])
 
 
 def install_test_doubles(patch):
-    """Register the models and make both augmentations deterministic; `patch(obj, name, value)`."""
+    """Register the models; `patch(obj, name, value)`."""
     patch(MODELS, "tiny_net", tiny_net)
     patch(MODELS, "tiny_net64", tiny_net64)
-    patch(trainables.train, "weak_augment", identity_weak)
-    recorded_masks = []
-    compute_losses = trainables.train.compute_losses
-
-    def recording_compute_losses(*args, **kwargs):
-        out = compute_losses(*args, **kwargs)
-        recorded_masks.append(out.mask.detach().clone())
-        return out
-
-    patch(trainables.train, "compute_losses", recording_compute_losses)
-    return recorded_masks
 
 
 def global_batches():
@@ -105,31 +113,42 @@ def global_batches():
 
 
 def case_config(case, dtype_name):
-    return TrainConfig(model="tiny_net" if dtype_name == "float32" else "tiny_net64", batch_size=BATCH, mu=MU,
-                       steps=100, lr=0.1, wd=5e-3, loss=LossConfig(confidence=0.6, **CASES[case]))
+    options, _ = CASES[case]
+    return TrainConfig.from_dict({"model": "tiny_net" if dtype_name == "float32" else "tiny_net64",
+                                  "batch_size": BATCH, "mu": MU, "steps": 100, "lr": 0.1, "wd": 5e-3, **options})
 
 
-def run_case(case, dtype_name, recorded_masks, rank=0, world_size=1):
+def run_case(case, dtype_name, rank=0, world_size=1):
     """STEPS train steps on this worker's rows of every global batch; per-step statistics, masks,
-    p_ema, and the final weights."""
+    method state, and the final weights and CTAugment bin weights."""
     config = case_config(case, dtype_name)
-    state = build_state(config, NUM_CLASSES, IMAGE_SHAPE, torch.device("cpu"))
-    state.strong = MirrorStrong()
-    state.p_ema = state.p_ema.to(DTYPES[dtype_name])
-    collective = None
+    collective = DistributedCollective() if world_size > 1 else None
+    state = build_state(config, NUM_CLASSES, IMAGE_SHAPE, torch.device("cpu"), num_unlabeled=NUM_UNLABELED,
+                        collective=collective)
+    state.augment = DeterministicAugmenter(rank, world_size, ctaugment=CASES[case][1] == "ctaugment")
+    state.method.to(dtype=DTYPES[dtype_name])
     if world_size > 1:
         state.model = nn.parallel.DistributedDataParallel(state.model)
-        collective = DistributedCollective()
+    masks, losses = [], state.method.losses
+
+    def recording_losses(*args, **kwargs):
+        out = losses(*args, **kwargs)
+        masks.append(out.mask.detach().clone())
+        return out
+
+    state.method.losses = recording_losses
     labeled_rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
     unlabeled_rows = slice(rank * MU * BATCH // world_size, (rank + 1) * MU * BATCH // world_size)
     steps = []
-    recorded_masks.clear()
-    for labeled, labels, unlabeled in global_batches():
+    for step, (labeled, labels, unlabeled) in enumerate(global_batches()):
+        positions = torch.arange(MU * BATCH) + step * MU * BATCH
         stats = train_step(state, config, labeled[labeled_rows], labels[labeled_rows], unlabeled[unlabeled_rows],
-                           flip=False, collective=collective)
+                           positions[unlabeled_rows], flip=False)
         steps.append({**{k: v for k, v in stats.items() if k not in ("lr", "finite")},
-                      "p_ema": state.p_ema.clone(), "mask": recorded_masks[-1]})
-    return {"steps": steps, "model": state.raw_model.state_dict(), "ema_model": state.ema_model.state_dict()}
+                      **{f"state/{k}": v for k, v in state.method.state_dict().items()}, "mask": masks[-1]})
+    rates = state.augment.ctaugment.rates.clone() if state.augment.uses_probes else None
+    return {"steps": steps, "model": state.raw_model.state_dict(), "ema_model": state.ema_model.state_dict(),
+            "ctaugment_rates": rates}
 
 
 def _worker(rank, port, out_dir):
@@ -138,9 +157,9 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        recorded_masks = install_test_doubles(lambda obj, name, value: (
+        install_test_doubles(lambda obj, name, value: (
             obj.__setitem__(name, value) if isinstance(obj, dict) else setattr(obj, name, value)))
-        results = {(case, dtype_name): run_case(case, dtype_name, recorded_masks, rank, WORLD_SIZE)
+        results = {(case, dtype_name): run_case(case, dtype_name, rank, WORLD_SIZE)
                    for case in CASES for dtype_name in DTYPES}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -163,10 +182,9 @@ def two_worker_results(tmp_path_factory):
 
 @pytest.fixture
 def single_process(monkeypatch):
-    recorded_masks = install_test_doubles(
-        lambda obj, name, value: monkeypatch.setitem(obj, name, value) if isinstance(obj, dict)
-        else monkeypatch.setattr(obj, name, value))
-    return lambda case, dtype_name: run_case(case, dtype_name, recorded_masks)
+    install_test_doubles(lambda obj, name, value: monkeypatch.setitem(obj, name, value) if isinstance(obj, dict)
+                         else monkeypatch.setattr(obj, name, value))
+    return run_case
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -177,12 +195,13 @@ def test_two_workers_with_half_batches_match_one_process_with_the_whole_batch(
     tolerance = TOLERANCES[dtype_name]
     # The comparison means something only if the unlabeled loss and the corrections are active.
     assert any(0 < float(s["mask_rate"]) < 1 for s in expected["steps"])
-    if CASES[case]["cadr"]:
-        assert any(float(s["cadr"]) != 0 for s in expected["steps"])
+    if CASES[case][0].get("cadr"):
+        assert any(float(s["loss/cadr"]) != 0 for s in expected["steps"])
     for rank in range(WORLD_SIZE):
         got = two_worker_results[rank][case, dtype_name]
         for step, (want, have) in enumerate(zip(expected["steps"], got["steps"], strict=True)):
-            for key in ("total", "labeled", "unlabeled", "cadr", "p_ema"):
+            assert have.keys() == want.keys()
+            for key in sorted(set(want) - {"mask", "mask_rate"}):
                 torch.testing.assert_close(have[key], want[key], **tolerance,
                                            msg=lambda m: f"rank {rank} step {step} {key}: {m}")
         for part in ("model", "ema_model"):
@@ -190,6 +209,13 @@ def test_two_workers_with_half_batches_match_one_process_with_the_whole_batch(
             for name, tensor in expected[part].items():
                 torch.testing.assert_close(got[part][name], tensor, **tolerance,
                                            msg=lambda m: f"rank {rank} {part}.{name}: {m}")
+        if expected["ctaugment_rates"] is not None:
+            # Every worker updated the bins from all workers' probes: the state of one process, and
+            # bit for bit the same on every worker.
+            torch.testing.assert_close(got["ctaugment_rates"], expected["ctaugment_rates"], **tolerance)
+            rank0 = two_worker_results[0][case, dtype_name]["ctaugment_rates"]
+            torch.testing.assert_close(got["ctaugment_rates"], rank0, atol=0, rtol=0)
+            assert not torch.equal(expected["ctaugment_rates"], CTAugment().rates)  # the probes moved them
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -200,8 +226,9 @@ def test_mask_rate_is_the_global_rate_on_both_workers(case, single_process, two_
     for step, want in enumerate(expected["steps"]):
         masks = [two_worker_results[rank][case, "float64"]["steps"][step]["mask"] for rank in range(WORLD_SIZE)]
         assert [len(m) for m in masks] == [rows_per_worker] * WORLD_SIZE
-        # Worker r's rows are rows [r * muB/2, (r+1) * muB/2) of the global batch.
-        torch.testing.assert_close(torch.cat(masks), want["mask"], atol=0, rtol=0)
+        # Worker r's rows are rows [r * muB/2, (r+1) * muB/2) of the global batch (SoftMatch's
+        # weights are continuous: equal to the all-reduces' rounding).
+        torch.testing.assert_close(torch.cat(masks), want["mask"], atol=1e-12, rtol=0)
         global_rate = float(want["mask"].mean())
         halves_differ |= float(masks[0].mean()) != float(masks[1].mean())
         for rank in range(WORLD_SIZE):

@@ -1,24 +1,30 @@
-"""Specification of the FixMatch + CAP / CAI / CADR losses (trainables/losses.py, DESIGN.md 4).
+"""Specification of the FixMatch + CAP / CAI / CADR losses (trainables/losses.py, docs/method.md).
 
-The reference below is written again from the design's formulas in float64 numpy and uses no
-helper from losses.py. What the design computes "without gradient" (W, p_new, thresholds,
+The reference below is written again from the formulas of docs/method.md in float64 numpy and uses no
+helper from losses.py. What they compute "without gradient" (W, p_new, thresholds,
 pseudo-labels, both masks) is frozen at the input point; the reference gradient is then the
 central finite difference of the rest, which autograd matches only if the stop-gradients sit
-where the design puts them (W constant, gradient through P in q = W @ P).
+where docs/method.md puts them (W constant, gradient through P in q = W @ P).
 """
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pytest
 import torch
+from method_checks import threaded_collectives
 
 from trainables.errors import TrainConfigError
-from trainables.losses import (LocalCollective, LossOutput, class_thresholds, compute_losses,
-                               normalized_inverse_weights, safe_log)
+from trainables.losses import (
+    LocalCollective,
+    LossOutput,
+    class_thresholds,
+    compute_losses,
+    normalized_inverse_weights,
+    safe_log,
+)
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -411,30 +417,6 @@ def test_outputs_keep_the_input_dtype_and_agree_with_float64(dtype):
 
 # --- the data-parallel hook ----------------------------------------------------------------------
 
-class ThreadedCollective:
-    """Workers as threads of one process. `sum` adds all workers' tensors inside one autograd
-    graph, so the backward of one worker's loss reaches every worker's inputs: the
-    single-process picture of a differentiable all-reduce."""
-
-    def __init__(self, rank: int, slots: list, barrier: threading.Barrier):
-        self.rank, self.slots, self.barrier = rank, slots, barrier
-
-    def _all_gather(self, x):
-        self.slots[self.rank] = x
-        self.barrier.wait()
-        parts = list(self.slots)
-        self.barrier.wait()  # nobody overwrites a slot before all have read it
-        return parts
-
-    def sum(self, x):
-        return torch.stack(self._all_gather(x)).sum(dim=0)
-
-    def gather_rows(self, x):
-        parts = self._all_gather(x.detach())
-        start = sum(part.shape[0] for part in parts[:self.rank])
-        return torch.cat(parts), slice(start, start + x.shape[0])
-
-
 @pytest.mark.parametrize("flags", [dict(cap=True, cai=True, cadr=True),
                                    dict(cap=True, cai=False, cadr=False, cap_ema=False, cap_form="ipw"),
                                    dict(cap=False, cai=True, cadr=False)], ids=flags_id)
@@ -443,13 +425,12 @@ def test_two_workers_with_a_collective_reproduce_the_single_process_losses_and_g
     single, leaves = run_losses(arrays, options)
     labels, p_ema = torch.tensor(arrays["y"]), torch.tensor(arrays["p_ema"])
     labeled_rows, unlabeled_rows = [slice(0, 3), slice(3, 8)], [slice(0, 20), slice(20, 56)]  # uneven on purpose
-    slots, barrier = [None, None], threading.Barrier(2, timeout=30)
+    collectives = threaded_collectives(2)
 
     def worker(rank):
         own, own_unlabeled = labeled_rows[rank], unlabeled_rows[rank]
         return compute_losses(leaves["zx"][own], labels[own], leaves["zw"][own_unlabeled],
-                              leaves["zs"][own_unlabeled], p_ema,
-                              collective=ThreadedCollective(rank, slots, barrier), **asdict(options))
+                              leaves["zs"][own_unlabeled], p_ema, collective=collectives[rank], **asdict(options))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         workers = list(pool.map(worker, [0, 1]))

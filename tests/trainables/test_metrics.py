@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from trainables.errors import TrainConfigError
-from trainables.metrics import (MetricTracker, accuracy, balanced_accuracy, geometric_mean_accuracy,
-                                per_class_accuracy)
+from trainables.metrics import MetricTracker, accuracy, balanced_accuracy, geometric_mean_accuracy, per_class_accuracy
 
 # Worked by hand: rows 0, 1, 3, 5 are right -> accuracy 4/6.
 # class 0: rows 0, 5 both right -> 1; class 1: rows 1 (right), 2 (wrong) -> 1/2;

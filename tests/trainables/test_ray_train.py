@@ -18,11 +18,12 @@ import torch
 from tensorboard_events import event_files, file_scalars, purge_step, scalars
 
 from data_prep import DataPrepError
-from data_prep.__main__ import prepare
-from trainables.config import LossConfig, TrainConfig
+from data_prep.convert import prepare
+from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
-from trainables.ray_train import CHECKPOINT_FILE, Resources, fit
-from trainables.train import build_state
+from trainables.loop import CHECKPOINT_FILE, train
+from trainables.ray_train import Resources, fit
+from trainables.step import build_state
 
 pytestmark = pytest.mark.ray
 
@@ -55,8 +56,8 @@ def digits_root(tmp_path_factory):
 def digits_config(root, **overrides) -> TrainConfig:
     # With a validation set (100 balanced rows), so rank 0 evaluates two splits.
     values = dict(dataset="digits", split="digits_LT_10.1@50-100", data_root=str(root), steps=40,
-                  eval_every=EVAL_EVERY, batch_size=16, mu=2, loss=LossConfig(cap=True, cai=True, cadr=True))
-    return TrainConfig(**{**values, **overrides})
+                  eval_every=EVAL_EVERY, batch_size=16, mu=2, cap=True, cai=True, cadr=True)
+    return TrainConfig.from_dict({**values, **overrides})
 
 
 def unique_name(prefix) -> str:
@@ -138,8 +139,10 @@ def test_checkpoint_holds_step_p_ema_and_optimizer_state_and_loads_back_exactly(
     saved = first_run["last_state"]
     assert saved["step"] == 40
     reported = first_run["result"].metrics
-    assert saved["p_ema"].tolist() == pytest.approx([reported[f"p_ema/{c}"] for c in range(NUM_CLASSES)])
-    assert not torch.allclose(saved["p_ema"], torch.full((NUM_CLASSES,), 1 / NUM_CLASSES))
+    p_ema = saved["method_state"]["p_ema"]
+    assert saved["method"] == "fixmatch"
+    assert p_ema.tolist() == pytest.approx([reported[f"p_ema/{c}"] for c in range(NUM_CLASSES)])
+    assert not torch.allclose(p_ema, torch.full((NUM_CLASSES,), 1 / NUM_CLASSES))
     assert saved["scheduler"]["last_epoch"] == 40
     state = build_state(first_run["config"], NUM_CLASSES, IMAGE_SHAPE, torch.device("cpu"))
     momentum = [s["momentum_buffer"] for s in saved["optimizer"]["state"].values()]
@@ -148,7 +151,7 @@ def test_checkpoint_holds_step_p_ema_and_optimizer_state_and_loads_back_exactly(
 
     state.load_state_dict(saved)
     assert state.step == 40
-    assert torch.equal(state.p_ema, saved["p_ema"])
+    assert torch.equal(state.method.state["p_ema"], p_ema)
     assert_same_state(state.state_dict(), saved)
 
 
@@ -173,6 +176,27 @@ def test_resuming_a_run_continues_at_the_saved_step_with_its_state(first_run):
     history = final["tracker"]["history"]["test_accuracy"]
     assert len(history) == 4
     assert history[:2] == pytest.approx(first_accuracies, rel=1e-6)
+
+
+def test_one_ray_train_worker_and_the_in_process_runner_train_identically(local_ray, digits_root, tmp_path):
+    # The same loop on both paths: Ray Data shards (one worker holds them all) and the in-process
+    # loader give the same rows in the same order, so the same seed gives the same weights.
+    config = digits_config(digits_root, steps=30, eval_every=10, augment="d.d.cta")
+    result = fit(config, Resources(num_workers=1), storage_path=tmp_path, name=unique_name("one"),
+                 tensorboard=False)
+    assert result.error is None
+    ray_state = load_state(Path(result.checkpoint.path) / CHECKPOINT_FILE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray worker runs
+    try:
+        local = train(TrainConfig.from_dict({**config.to_dict(), "device": "cpu"}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_state(local["state"].state_dict()["model"], ray_state["model"])
+    assert_same_state(local["state"].state_dict()["method_state"], ray_state["method_state"])
+    assert_same_state(local["state"].state_dict()["augment"], ray_state["augment"])
+    for key in ("valid_balanced_accuracy", "test_accuracy", "test_gm"):
+        assert local["metrics"][key] == result.metrics[key], key
 
 
 def registered_checkpoint_steps(run_dir) -> list[int]:

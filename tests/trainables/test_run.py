@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from data_prep.__main__ import prepare
+from data_prep.convert import prepare
 from trainables.run import main
 
 

@@ -1,4 +1,5 @@
-"""The training step, its state, the schedule, the EMA, and a real short training on digits."""
+"""The training step (trainables.step), its state, the schedule, the EMA, the loop's sampler, and a
+real short training on digits through the single-process runner (trainables.loop.train)."""
 
 import copy
 import math
@@ -6,12 +7,11 @@ import math
 import pytest
 import torch
 
-from data_prep.__main__ import prepare
-from trainables.config import LossConfig, TrainConfig
+from data_prep.convert import prepare
+from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
-from trainables.train import (
-    EpochSampler, build_state, cosine_lr_factor, ema_decay_at, ema_update, train, train_step,
-)
+from trainables.loop import EpochSampler, train
+from trainables.step import build_state, cosine_lr_factor, ema_decay_at, ema_update, train_step
 
 
 def _batch(n_labeled=8, mu=2, shape=(8, 8, 1), num_classes=10, seed=0):
@@ -23,7 +23,7 @@ def _batch(n_labeled=8, mu=2, shape=(8, 8, 1), num_classes=10, seed=0):
 
 
 def _state(**overrides):
-    config = TrainConfig(batch_size=8, mu=2, steps=100, **overrides)
+    config = TrainConfig.from_dict({"batch_size": 8, "mu": 2, "steps": 100, **overrides})
     return config, build_state(config, 10, (8, 8, 1), torch.device("cpu"))
 
 
@@ -69,15 +69,16 @@ def test_ema_decay_warms_up_like_tensorflow():
 
 
 def test_step_updates_weights_ema_prior_and_counter():
-    config, state = _state(loss=LossConfig(cap=True, cai=True, cadr=True, confidence=0.5))
+    config, state = _state(cap=True, cai=True, cadr=True, confidence=0.5)
     weights = copy.deepcopy(state.model.state_dict())
     stats = train_step(state, config, *_batch(), flip=False)
     assert state.step == 1
     assert not torch.equal(weights["fc.weight"], state.model.state_dict()["fc.weight"])
     assert not torch.equal(state.ema_model.fc.weight, state.model.fc.weight)  # the EMA lags
-    assert state.p_ema.shape == (10,) and float(state.p_ema.sum()) == pytest.approx(1.0)
-    assert not torch.allclose(state.p_ema, torch.full((10,), 0.1))
-    assert set(stats) == {"total", "labeled", "unlabeled", "cadr", "mask_rate", "lr", "finite"}
+    p_ema = state.method.state["p_ema"]
+    assert p_ema.shape == (10,) and float(p_ema.sum()) == pytest.approx(1.0)
+    assert not torch.allclose(p_ema, torch.full((10,), 0.1))
+    assert set(stats) == {"loss/total", "loss/labeled", "loss/unlabeled", "loss/cadr", "mask_rate", "lr", "finite"}
     assert bool(stats["finite"])
 
 
@@ -102,14 +103,14 @@ def test_a_forward_without_a_truth_value_is_used_as_given():
 
 
 def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    config, state = _state(strong_augment="ctaugment", loss=LossConfig(cap=True))
+    config, state = _state(augment="d.d.cta", cap=True)
     for _ in range(2):
         train_step(state, config, *_batch(), flip=False)
     torch.save(state.state_dict(), tmp_path / "ckpt.pt")
-    _, restored = _state(strong_augment="ctaugment", loss=LossConfig(cap=True))
+    _, restored = _state(augment="d.d.cta", cap=True)
     restored.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
     assert restored.step == 2
-    assert torch.equal(restored.p_ema, state.p_ema)
+    assert torch.equal(restored.method.state["p_ema"], state.method.state["p_ema"])
     for a, b in zip(restored.model.parameters(), state.model.parameters()):
         assert torch.equal(a, b)
     # Both continue identically: same RNG, same optimiser momentum, same CTAugment weights.
@@ -120,14 +121,16 @@ def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_unknown_strong_augmentation_is_a_config_error():
-    with pytest.raises(TrainConfigError, match="strong_augment"):
-        _state(strong_augment="autoaugment")
+def test_the_replaced_strong_augment_option_says_what_replaces_it():
+    with pytest.raises(TrainConfigError, match="replaced by augment .*ctaugment is augment: d.d.cta"):
+        _state(strong_augment="ctaugment")
 
 
-def test_config_from_dict_routes_loss_flags_and_rejects_unknown_keys():
+def test_config_from_dict_routes_method_options_and_rejects_unknown_keys():
     config = TrainConfig.from_dict({"model": "wrn28_2", "cadr": True, "cap": True, "confidence": 0.8})
-    assert config.loss.cadr and config.loss.confidence == 0.8 and config.model == "wrn28_2"
+    assert config.method.name == "fixmatch" and config.method.label == "FixMatch+CAP+CADR"
+    assert config.method.options["cadr"] and config.method.options["confidence"] == 0.8
+    assert config.model == "wrn28_2"
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TrainConfigError, match="unknown training option.*colour"):
         TrainConfig.from_dict({"colour": 1})
@@ -148,9 +151,9 @@ def test_epoch_sampler_visits_every_row_once_per_epoch():
 
 def test_short_training_on_digits_is_far_above_chance(tmp_path):
     prepare("digits", tmp_path)
-    result = train(TrainConfig(dataset="digits", split="digits_LT_10.1@50", data_root=str(tmp_path),
-                               model="cnn_small", steps=300, eval_every=100, batch_size=32, mu=3,
-                               loss=LossConfig(cap=True, cai=True, cadr=True)), progress=False)
+    result = train(TrainConfig.from_dict(dict(dataset="digits", split="digits_LT_10.1@50", data_root=str(tmp_path),
+                                              model="cnn_small", steps=300, eval_every=100, batch_size=32, mu=3,
+                                              cap=True, cai=True, cadr=True)), progress=False)
     metrics = result["metrics"]
     assert metrics["step"] == 300
     assert sorted(k for k in metrics if "class_accuracy/" in k) == [f"test_class_accuracy/{c}" for c in range(10)]
@@ -159,3 +162,39 @@ def test_short_training_on_digits_is_far_above_chance(tmp_path):
     assert metrics["test_accuracy"] > 0.5  # chance is 0.1; evaluated on the full test split
     assert metrics["test_gm"] > 0.3
     assert len(result["history"]) == 3
+
+
+def _digits_config(root, **overrides) -> TrainConfig:
+    return TrainConfig.from_dict({"dataset": "digits", "split": "digits_LT_10.1@50-100", "data_root": str(root),
+                                  "model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
+                                  "device": "cpu", **overrides})
+
+
+def test_the_loop_compiles_the_model_when_asked(tmp_path, monkeypatch):
+    # Every runner trains through run_loop, so `compile` takes effect on every path.
+    prepare("digits", tmp_path)
+    compiled = []
+
+    def fake_compile(model, **kwargs):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    state = train(_digits_config(tmp_path, compile=True), progress=False)["state"]
+    assert compiled == [state.model]
+    train(_digits_config(tmp_path), progress=False)
+    assert len(compiled) == 1
+
+
+def test_the_single_process_runner_resumes_from_its_checkpoint_directory(tmp_path):
+    prepare("digits", tmp_path / "data")
+    checkpoints = tmp_path / "run"
+    first = train(_digits_config(tmp_path / "data"), progress=False, checkpoint_dir=checkpoints)
+    assert [m["step"] for m in first["history"]] == [10, 20]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["state.pt"]  # nothing half-written beside it
+    resumed = train(_digits_config(tmp_path / "data", steps=40), progress=False, checkpoint_dir=checkpoints)
+    assert [m["step"] for m in resumed["history"]] == [30, 40]
+    history = resumed["state"].tracker.state_dict()["history"]["test_accuracy"]
+    assert history[:2] == [m["test_accuracy"] for m in first["history"]]
+    saved = torch.load(checkpoints / "state.pt", weights_only=True)
+    assert saved["step"] == 40 and saved["method"] == "fixmatch"

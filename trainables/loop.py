@@ -1,0 +1,322 @@
+"""The one training loop: sampling, the step, evaluation, checkpoints, reports, progress.
+
+Every runner uses `run_loop`: the single-process `train()` below (benchmarks, debugging), each
+Ray Train worker (trainables/ray_train.py) and each in-trial Tune run (study/tune.py). A runner
+supplies the data (`TrainData`) and a `LoopContext`: where the loop runs (device, rank, world
+size), how it reports (a function of the metrics and a checkpoint directory) and what it resumes
+from. Everything else (compile, resume, progress output, TensorBoard, every option) is here, so
+it behaves the same on every path.
+
+The global batch (B labeled, mu*B unlabeled) is split across the workers: more workers means
+less work per worker, not a larger batch. Every `eval_every` steps rank 0 evaluates the EMA model
+on the validation and test splits, writes TensorBoard scalars, and reports metrics with a
+checkpoint.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from math import nan
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.files import write_atomic
+from trainables.config import TrainConfig
+from trainables.metrics import accuracy, balanced_accuracy, geometric_mean_accuracy, per_class_accuracy
+from trainables.step import (
+    TrainingDiverged,
+    TrainState,
+    build_state,
+    normalize,
+    resolve_device,
+    to_unit_float,
+    train_step,
+    use_flip,
+)
+
+CHECKPOINT_FILE = "state.pt"
+EVALUATED = ("accuracy", "gm", "balanced_accuracy")  # tracked per evaluation split, with medians
+
+
+@dataclass
+class TrainData:
+    """What one worker trains on: its share of the labeled and unlabeled rows (uint8 NHWC images),
+    the unlabeled rows' positions in the whole unlabeled pool, and on rank 0 the evaluation splits
+    {"valid": (images, labels), "test": (images, labels)} (a split with no rows is skipped)."""
+
+    labeled_images: np.ndarray
+    labeled_labels: np.ndarray
+    unlabeled_images: np.ndarray
+    unlabeled_positions: np.ndarray  # in [0, num_unlabeled)
+    num_unlabeled: int  # rows of the whole unlabeled pool, across workers
+    num_classes: int
+    image_shape: tuple
+    eval_sets: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "TrainData":
+        """All of a split's rows, from `data_prep.loading.load_arrays`."""
+        eval_sets = {"valid": (arrays.valid_images, arrays.valid_labels),
+                     "test": (arrays.test_images, arrays.test_labels)}
+        return cls(arrays.labeled_images, arrays.labeled_labels, arrays.unlabeled_images,
+                   np.arange(len(arrays.unlabeled_images)), len(arrays.unlabeled_images), arrays.num_classes,
+                   tuple(arrays.image_shape), eval_sets)
+
+
+class LocalCheckpoint:
+    """A checkpoint directory on this machine, with the one method the loop uses of Ray's Checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    @contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+def _print(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)
+
+
+@dataclass
+class LoopContext:
+    """Where and how the loop runs. `report(metrics, checkpoint_dir)` is called on every worker at
+    every evaluation (rank 0 has the metrics and the checkpoint; others pass {} and None)."""
+
+    device: torch.device
+    report: Callable[[dict, str | None], None]
+    restored: object = None  # a checkpoint to resume from (has .as_directory()), or None
+    rank: int = 0
+    world_size: int = 1
+    wrap_model: Callable | None = None  # data parallel (world_size > 1): e.g. Ray Train's prepare_model
+    tensorboard_dir: str | None = None
+    log: Callable[[str], None] = _print  # the progress line of each evaluation (rank 0)
+
+
+def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> TrainState:
+    """Train, evaluating, checkpointing and reporting every `eval_every` steps; resumes from
+    `context.restored`. Returns the final state."""
+    rank, world_size, device = context.rank, context.world_size, context.device
+    collective = None
+    if world_size > 1:
+        from trainables.distributed import DistributedCollective
+
+        collective = DistributedCollective()
+    state = build_state(config, data.num_classes, data.image_shape, device, num_unlabeled=data.num_unlabeled,
+                        collective=collective)
+    if context.restored is not None:
+        with context.restored.as_directory() as directory:
+            state.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, device))
+    if world_size > 1:
+        # Each worker augments and samples differently; after a restart, differently again.
+        state.generator.manual_seed(config.seed + 1_000_003 * rank + 7_919 * state.step)
+        wrap = context.wrap_model or (lambda model: torch.nn.parallel.DistributedDataParallel(model))
+        state.model = wrap(state.model)
+    forward = torch.compile(state.model) if config.compile else state.model
+
+    labeled_images = torch.from_numpy(data.labeled_images).to(device)
+    labeled_labels = torch.from_numpy(data.labeled_labels).to(device)
+    unlabeled_images = torch.from_numpy(data.unlabeled_images).to(device)
+    unlabeled_positions = torch.from_numpy(np.asarray(data.unlabeled_positions, np.int64)).to(device)
+    local_batch = config.batch_size // world_size
+    labeled_sampler = EpochSampler(len(labeled_labels), local_batch, state.generator)
+    unlabeled_sampler = EpochSampler(len(unlabeled_images), local_batch * config.mu, state.generator)
+    flip = use_flip(config, data.image_shape)
+
+    writer = None
+    if rank == 0 and context.tensorboard_dir:
+        from tensorboardX import SummaryWriter
+
+        # TensorBoard hides earlier events at steps >= purge_step: those a lost worker group wrote
+        # after the checkpoint we resume from, but not the checkpoint's own evaluation.
+        writer = SummaryWriter(context.tensorboard_dir, purge_step=state.step + 1)
+
+    def evaluate_and_report(running: RunningStats) -> None:
+        metrics, checkpoint_dir = {}, None
+        # report() copies the checkpoint where it keeps it; the local copy goes afterwards.
+        with tempfile.TemporaryDirectory(prefix="fixmatch-ckpt-") as directory:
+            if rank == 0:
+                metrics = evaluation_metrics(state, config, data.eval_sets, data.num_classes, device, running)
+                torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
+                checkpoint_dir = directory
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(key, value, state.step)
+                    writer.flush()
+                context.log(progress_line(metrics, config.steps))
+            else:
+                running.means(state.step)  # every worker stops on a non-finite loss
+            context.report(metrics, checkpoint_dir)
+
+    if state.step >= config.steps:
+        # Restored from the final checkpoint (e.g. a study resumed after its driver died just as
+        # this run finished): report the final state once, so the run still has a result.
+        evaluate_and_report(RunningStats())
+    running = RunningStats()
+    images_per_step = config.batch_size * (1 + 2 * config.mu)  # global
+    while state.step < config.steps:
+        labeled_rows = labeled_sampler.next().to(device)
+        unlabeled_rows = unlabeled_sampler.next().to(device)
+        stats = train_step(state, config, labeled_images[labeled_rows], labeled_labels[labeled_rows],
+                           unlabeled_images[unlabeled_rows], unlabeled_positions[unlabeled_rows],
+                           flip=flip, forward=forward)
+        running.add(stats, images_per_step)
+        if state.step % config.eval_every == 0 or state.step == config.steps:
+            evaluate_and_report(running)
+            running = RunningStats()
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint's state, loaded as tensors and plain data only (never arbitrary objects)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+# --- sampling and statistics ------------------------------------------------------------------
+
+
+class EpochSampler:
+    """Endless shuffled epochs over n rows, served in batches (rows repeat only across epochs,
+    or within a batch when n < batch_size)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        while len(self._order) < self.batch_size:
+            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.generator)])
+        batch, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
+        return batch
+
+
+class RunningStats:
+    """Step statistics summed on the device between evaluations, plus the wall time they took."""
+
+    def __init__(self):
+        self.sums, self.steps, self.images, self.started = {}, 0, 0, time.perf_counter()
+
+    def add(self, stats: dict, images: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.steps += 1
+        self.images += images
+
+    def means(self, step: int) -> dict:
+        """Mean of each statistic (one host sync); raises TrainingDiverged on a non-finite loss.
+        Empty when no step ran since the last evaluation."""
+        if not self.steps:
+            return {}
+        sums = {key: float(value) for key, value in self.sums.items()}
+        if sums.pop("finite") != self.steps:
+            raise TrainingDiverged(f"loss became NaN or infinite before step {step}; lower lr or check the data")
+        means = {key: value / self.steps for key, value in sums.items()}
+        means["images_per_second"] = self.images / (time.perf_counter() - self.started)
+        return means
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model, images, device, *, batch_size=1024, channels_last=True) -> torch.Tensor:
+    """Class predictions for uint8 NHWC images (numpy or tensor), in eval mode."""
+    was_training = model.training
+    model.eval()
+    images = torch.as_tensor(images)
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        batch = to_unit_float(images[start:start + batch_size].to(device))
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        predictions.append(model(normalize(batch)).argmax(dim=1))
+    model.train(was_training)
+    return torch.cat(predictions)
+
+
+def evaluate(model, images, labels, num_classes, device, **kwargs) -> dict:
+    """Top-1 accuracy, per-class accuracy, their geometric mean (GM) and their mean (balanced
+    accuracy), as plain floats."""
+    predictions = predict(model, images, device, **kwargs).cpu()
+    labels = torch.tensor(labels).cpu()  # a copy: arrays from Arrow may be read-only
+    per_class = per_class_accuracy(predictions, labels, num_classes)
+    return {
+        "accuracy": float(accuracy(predictions, labels)),
+        "gm": float(geometric_mean_accuracy(per_class, num_classes)),
+        "balanced_accuracy": balanced_accuracy(per_class),
+        "per_class_accuracy": [float(a) for a in per_class],
+    }
+
+
+def evaluation_metrics(state: TrainState, config: TrainConfig, eval_sets: dict, num_classes, device,
+                       running: RunningStats) -> dict:
+    """Evaluate the EMA model on each evaluation split and return flat scalars.
+
+    Per split s: s_accuracy, s_gm, s_balanced_accuracy (this evaluation), their medians over the
+    last 10 / 20 evaluations (s_gm_median_10, ...) and s_class_accuracy/<c>; plus the mean step
+    statistics and each per-class state vector of the method (p_ema/<c>, ...)."""
+    metrics = {"step": state.step, **running.means(state.step)}
+    current = {}
+    for split, (images, labels) in eval_sets.items():
+        if len(labels) == 0:
+            continue
+        result = evaluate(state.ema_model, images, labels, num_classes, device,
+                          batch_size=config.eval_batch_size, channels_last=config.channels_last)
+        current.update({f"{split}_{name}": result[name] for name in EVALUATED})
+        metrics.update({f"{split}_class_accuracy/{c}": a for c, a in enumerate(result["per_class_accuracy"])})
+    state.tracker.update(current)
+    metrics.update(current)
+    for name, summary in state.tracker.summary().items():
+        metrics.update({f"{name}_{key}": value for key, value in summary.items() if key != "last"})
+    for name, vector in state.method.class_state().items():
+        metrics.update({f"{name}/{c}": p for c, p in enumerate(vector.tolist())})
+    return metrics
+
+
+def progress_line(metrics, total_steps, width=30) -> str:
+    done = int(width * metrics["step"] / total_steps)
+    valid = (f"valid bal-acc {metrics['valid_balanced_accuracy']:.4f} " if "valid_balanced_accuracy" in metrics
+             else "")
+    return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} {valid}"
+            f"test acc {metrics.get('test_accuracy', nan):.4f} gm {metrics.get('test_gm', nan):.4f} "
+            f"loss {metrics.get('loss/total', nan):.4f} "
+            f"mask {metrics.get('mask_rate', nan):.3f} {metrics.get('images_per_second', nan):.0f} img/s")
+
+
+# --- the single-process runner ------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, progress=True, on_eval=None, checkpoint_dir=None) -> dict:
+    """Train in this process on the in-memory loader; returns the final metrics, the history and
+    the state. With `checkpoint_dir`, the last evaluation's checkpoint is kept there (as
+    `state.pt`) and a rerun resumes from it. `on_eval(metrics)` is called after each evaluation."""
+    from data_prep.loading import load_arrays
+
+    history = []
+
+    def report(metrics: dict, directory: str | None) -> None:
+        history.append(metrics)
+        if checkpoint_dir is not None:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(directory) / CHECKPOINT_FILE, "rb") as saved:
+                write_atomic(Path(checkpoint_dir) / CHECKPOINT_FILE, lambda f: shutil.copyfileobj(saved, f))
+        if on_eval is not None:
+            on_eval(metrics)
+
+    restored = None
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_FILE).is_file():
+        restored = LocalCheckpoint(checkpoint_dir)
+    data = TrainData.from_arrays(load_arrays(config.dataset, config.split, config.data_root))
+    context = LoopContext(device=resolve_device(config.device), report=report, restored=restored,
+                          log=_print if progress else (lambda line: None))
+    state = run_loop(config, data, context)
+    return {"metrics": history[-1] if history else {}, "history": history, "state": state}
