@@ -1,18 +1,18 @@
-"""Named, declarative search spaces (DESIGN.md 6).
+"""Named, declarative search spaces.
 
-A space maps parameter names (the training options, with the paper's names) to a distribution:
-`Uniform` (optionally in log space), `Choice`, or `Grid` (every value is run, for ablations). Spaces combine
-with "+" in a name (`thresholds+loss_weights`). `validate_space` checks bounds, types, unknown
-parameters and conflicts before any trial starts. `to_optuna` and `to_tune` map a space to the
-libraries' own distributions; nothing here knows about training or Ray.
+A space maps parameter names (the training options and the methods' options, with the paper's
+names) to a distribution: `Uniform` (optionally in log space), `Choice`, or `Grid` (every value
+is run, for ablations). Spaces combine with "+" in a name (`thresholds+loss_weights`).
+`validate_space` checks the distributions themselves (bounds, empty choices, variant names);
+whether a parameter exists and which values training accepts is the study layer's check, against
+the training config and the methods registry, so nothing here knows about training or Ray.
+`to_optuna` and `to_tune` map a space to the libraries' own distributions.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
 from search_spaces.errors import SpaceError
-
-CAP_FORMS = ("reference", "ipw")  # trainables.losses.CAP_FORMS, named here without importing torch
 
 
 @dataclass(frozen=True)
@@ -47,34 +47,22 @@ class Grid:
         return "each of {" + ", ".join(map(str, self.values)) + "}"
 
 
-# The paper's ablation variants, as sets of loss flags.
+# Named configurations a space can run as one parameter (`variant`): a method and its options.
+# The paper's ablation of FixMatch's corrections first, then the peer methods at their
+# reference defaults.
 VARIANTS = {
-    "fixmatch": {"cap": False, "cai": False, "cadr": False},
-    "cap": {"cap": True, "cai": False, "cadr": False},
-    "cai": {"cap": False, "cai": True, "cadr": False},
-    "cap_cai": {"cap": True, "cai": True, "cadr": False},
-    "cadr": {"cap": True, "cai": True, "cadr": True},
+    "fixmatch": {"method": "fixmatch", "cap": False, "cai": False, "cadr": False},
+    "cap": {"method": "fixmatch", "cap": True, "cai": False, "cadr": False},
+    "cai": {"method": "fixmatch", "cap": False, "cai": True, "cadr": False},
+    "cap_cai": {"method": "fixmatch", "cap": True, "cai": True, "cadr": False},
+    "cadr": {"method": "fixmatch", "cap": True, "cai": True, "cadr": True},
+    "flexmatch": {"method": "flexmatch"},
+    "freematch": {"method": "freematch"},
+    "softmatch": {"method": "softmatch"},
+    "debiaspl": {"method": "debiaspl"},
 }
-
-# Allowed range and type of every parameter a space may search.
-PARAMETERS = {
-    "confidence": (float, 0.0, 1.0),
-    "cai_beta": (float, 0.0, 10.0),
-    "gamma_l": (float, 1.0, float("inf")),
-    "gamma_u": (float, 0.0, float("inf")),
-    "wu": (float, 0.0, float("inf")),
-    "wd": (float, 0.0, 1.0),
-    "upper": (float, 0.0, float("inf")),
-    "cap_momentum": (float, 0.0, 1.0),
-    "lr": (float, 0.0, float("inf")),
-    "variant": (str, None, None),
-    "seed": (int, 0, float("inf")),
-    "cap": (bool, None, None),
-    "cai": (bool, None, None),
-    "cadr": (bool, None, None),
-    "cap_form": (str, None, None),  # reference | ipw
-    "cap_ema": (bool, None, None),
-}
+ABLATION = ("fixmatch", "cap", "cai", "cap_cai", "cadr")
+BASELINES = ("fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl")
 
 SPACES: dict[str, dict[str, Any]] = {
     "thresholds": {
@@ -95,7 +83,11 @@ SPACES: dict[str, dict[str, Any]] = {
         "cap_momentum": Uniform(0.9, 0.999),
     },
     "ablation": {
-        "variant": Grid(tuple(VARIANTS)),
+        "variant": Grid(ABLATION),
+        "seed": Grid((0, 1, 2)),
+    },
+    "baselines": {
+        "variant": Grid(BASELINES),
         "seed": Grid((0, 1, 2)),
     },
     "paper": {
@@ -110,6 +102,7 @@ DESCRIPTIONS = {
     "imbalance_unlabeled": "labeled and unlabeled imbalance ratios gamma_l, gamma_u",
     "loss_weights": "unlabeled loss weight, weight decay, CAP clip and prior momentum",
     "ablation": "the paper's ablation grid {FixMatch, +CAP, +CAI, +CAP+CAI, CADR} x 3 seeds",
+    "baselines": "CADR against the peer methods {FixMatch, CADR, FlexMatch, FreeMatch, SoftMatch, DebiasPL} x 3 seeds",
     "paper": "the paper's fixed configurations: FixMatch baseline and CADR at its defaults",
 }
 
@@ -128,54 +121,25 @@ def get_space(name: str) -> dict[str, Any]:
     return space
 
 
-def _check_value(name, value):
-    kind, low, high = PARAMETERS[name]
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is str:
-        ok = isinstance(value, str)
-    else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-    if name == "variant" and value not in VARIANTS:
-        raise SpaceError(f"variant '{value}' is unknown (known: {', '.join(VARIANTS)})")
-    if name == "cap_form" and value not in CAP_FORMS:
-        raise SpaceError(f"cap_form '{value}' is unknown (known: {', '.join(CAP_FORMS)})")
-    if not ok:
-        allowed = kind.__name__ if low is None else f"a {kind.__name__} in [{low:g}, {high:g}]"
-        raise SpaceError(f"{name}={value!r} is out of range: must be {allowed}")
-
-
-def validate_space(space: dict[str, Any], fixed: dict[str, Any] | None = None) -> None:
-    """Raise SpaceError for an unknown parameter, a bad bound or type, or a conflict.
-
-    `fixed` holds the settings every trial shares (e.g. cap/cai/cadr from the base config), so
-    CADR without CAP is caught whether it comes from the space or from the base."""
-    fixed = fixed or {}
+def validate_space(space: dict[str, Any]) -> None:
+    """Raise SpaceError for a distribution that cannot be sampled: reversed or non-numeric bounds,
+    a log range that reaches 0, no values to choose from, or an unknown variant."""
     for name, dist in space.items():
-        if name not in PARAMETERS:
-            raise SpaceError(f"unknown parameter '{name}' (searchable: {', '.join(PARAMETERS)})")
         if isinstance(dist, Uniform):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dist.low, dist.high)):
+                raise SpaceError(f"{name}: a range needs numeric bounds, got [{dist.low!r}, {dist.high!r}]")
             if not dist.low < dist.high:
                 raise SpaceError(f"{name}: lower bound {dist.low:g} is not below upper bound {dist.high:g}")
             if dist.log and dist.low <= 0:
                 raise SpaceError(f"{name}: a log-uniform range needs a positive lower bound, got {dist.low:g}")
-            _check_value(name, float(dist.low))
-            _check_value(name, float(dist.high))
         elif isinstance(dist, (Choice, Grid)):
             if not dist.values:
                 raise SpaceError(f"{name}: no values to choose from")
-            for value in dist.values:
-                _check_value(name, value)
         else:
             raise SpaceError(f"{name}: {dist!r} is not a distribution (Uniform, Choice, Grid)")
-    variants = space["variant"].values if "variant" in space else [None]
-    for variant in variants:
-        flags = {**{k: fixed.get(k, False) for k in ("cap", "cai", "cadr")}, **VARIANTS.get(variant, {})}
-        for flag in ("cap", "cadr"):
-            if flag in space:
-                flags[flag] = True  # a searched flag can be on
-        if flags["cadr"] and not flags["cap"]:
-            raise SpaceError("CADR without CAP: cadr=True needs cap=True (CADR uses CAP's propensity)")
+    for variant in space["variant"].values if isinstance(space.get("variant"), (Choice, Grid)) else ():
+        if variant not in VARIANTS:
+            raise SpaceError(f"variant '{variant}' is unknown (known: {', '.join(VARIANTS)})")
 
 
 def space_from_dict(raw: dict) -> dict[str, Any]:

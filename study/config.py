@@ -15,6 +15,7 @@
     resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2, trainer: auto}
 """
 
+import itertools
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from search_spaces import SpaceError, get_space, validate_space
 from search_spaces.spaces import Uniform, grid_size, is_grid, space_from_dict
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
+from trainables.methods import COMMON_OPTIONS, option_names
 
 SCHEDULERS = ("asha", "median", "none")
 TRAINERS = ("auto", "torch_trainer", "in_trial")
@@ -99,6 +101,8 @@ class StudyConfig:
     # split's when the split has no validation set (with a warning: that winner is optimistic).
     metric: str | None = None
     mode: str = "max"
+    # What the report compares the winner with: a trial label, variant or group name.
+    baseline: str | None = "fixmatch"
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
@@ -110,9 +114,14 @@ class StudyConfig:
     def space_name(self) -> str:
         return self.space if isinstance(self.space, str) else "custom"
 
-    def train_config(self, params: dict | None = None) -> TrainConfig:
-        """The TrainConfig of one trial: the base `train` section with the trial's params."""
-        values = {**self.train, **(params or {})}
+    def train_config(self, overrides: dict | None = None) -> TrainConfig:
+        """The TrainConfig of one trial: the base `train` section with the trial's overrides
+        (`trial_overrides` of its params). A trial that runs another method than the base starts
+        from that method's defaults: the base's method options belong to the base's method."""
+        values, overrides = dict(self.train), dict(overrides or {})
+        if overrides.get("method", values.get("method", "fixmatch")) != values.get("method", "fixmatch"):
+            values = {k: v for k, v in values.items() if k not in option_names() or k in COMMON_OPTIONS}
+        values.update(overrides)
         return TrainConfig.from_dict({**values, "dataset": self.dataset, "data_root": self.data_root})
 
     def to_dict(self) -> dict:
@@ -148,7 +157,8 @@ def _section(cls, raw, name):
         raise StudyError("scheduler.metric and scheduler.mode moved to the top level of the study config "
                          "(`metric:` and `mode:`): the search, the scheduler and the report all use them")
     if unknown:
-        raise StudyError(f"unknown key(s) in '{name}': {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        raise StudyError(f"unknown key(s) in '{name}': {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(known))})")
     return cls(**raw)
 
 
@@ -208,9 +218,29 @@ def space_values(dist) -> list:
     return [dist.low, dist.high] if isinstance(dist, Uniform) else list(dist.values)
 
 
+# Training fields a space may not sweep: they say what the study is about, not how to train.
+NOT_SEARCHABLE = ("dataset", "split", "data_root", "device")
+MAX_COMBINATIONS = 4096  # categorical combinations checked one by one before Ray starts
+
+
+def searchable() -> set[str]:
+    """Every parameter a space may name: training fields, the methods' options (from the
+    registry), `method`, `variant` and the split's imbalance ratios."""
+    from dataclasses import fields as dataclass_fields
+
+    train = {f.name for f in dataclass_fields(TrainConfig)} - set(NOT_SEARCHABLE)
+    return train | option_names() | {"variant", *SPLIT_PARAMETERS}
+
+
 def check_space_values(config: StudyConfig, space: dict) -> None:
     """Every value the space can produce goes through the checks training (or the split) applies,
-    so a value a trial would reject fails here, naming the parameter."""
+    so a value a trial would reject fails here, naming the parameter. Then every combination of
+    the categorical values (choices and grids: methods, variants, flags) is checked together, so
+    e.g. cadr on with cap off fails here too."""
+    unknown = sorted(set(space) - searchable())
+    if unknown:
+        raise StudyError(f"unknown space parameter(s) {', '.join(unknown)} (searchable: "
+                         f"{', '.join(sorted(searchable()))})")
     for name, dist in space.items():
         if name in SPLIT_PARAMETERS and isinstance(dist, Uniform):
             raise StudyError(f"space parameter {name}: use choice or grid values (each value gets its own split, "
@@ -223,6 +253,15 @@ def check_space_values(config: StudyConfig, space: dict) -> None:
                     config.train_config(trial_overrides({name: value}))
             except (TrainConfigError, DataPrepError) as exc:
                 raise StudyError(f"space parameter {name}={value!r} would fail in training: {exc}") from None
+    categorical = {name: dist.values for name, dist in space.items()
+                   if not isinstance(dist, Uniform) and name not in SPLIT_PARAMETERS}
+    combinations = list(itertools.islice(itertools.product(*categorical.values()), MAX_COMBINATIONS))
+    for values in combinations if len(categorical) > 1 else ():
+        params = dict(zip(categorical, values))
+        try:
+            config.train_config(trial_overrides(params))
+        except TrainConfigError as exc:
+            raise StudyError(f"space values {params} would fail in training together: {exc}") from None
 
 
 def _check_points(config: StudyConfig) -> None:
@@ -243,9 +282,9 @@ def validate(config: StudyConfig) -> dict:
     """Check everything that can be checked without Ray; returns the resolved space."""
     try:
         space = config.resolved_space()
-        base = config.train_config()
+        config.train_config()
         split_spec(config)
-        validate_space(space, {"cap": base.loss.cap, "cai": base.loss.cai, "cadr": base.loss.cadr})
+        validate_space(space)
     except SpaceError as exc:
         raise StudyError(str(exc)) from None
     except DataPrepError as exc:
@@ -312,8 +351,8 @@ def _repeats_as_seeds(space: dict, repeats: int, base_seed: int) -> dict:
 
 
 def trial_overrides(params: dict) -> dict:
-    """Trial params -> TrainConfig fields: a variant becomes its loss flags; split parameters
-    (gamma_l, gamma_u) are not training options and are left out."""
+    """Trial params -> TrainConfig fields: a variant becomes its method and options; split
+    parameters (gamma_l, gamma_u) are not training options and are left out."""
     from search_spaces import VARIANTS
 
     out = {k: v for k, v in params.items() if k not in ("variant", "label", *SPLIT_PARAMETERS)}

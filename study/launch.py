@@ -21,7 +21,7 @@ from importlib import metadata
 import yaml
 
 from data_prep import DataPrepError
-from data_prep.parquet import default_data_root
+from data_prep.parquet import default_data_root, verify_dataset
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
 from study.config import StudyError, default_name, load, planned_trials, select_metric, validate
@@ -148,7 +148,7 @@ def main(argv=None):
 
 
 def _run(args) -> int:
-    from data_prep.__main__ import prepare
+    from data_prep.convert import prepare
 
     config = load(args.config, _overrides(args))
     # Trials run in other processes and directories: give them an absolute data root.
@@ -156,6 +156,7 @@ def _run(args) -> int:
     space = validate(config)
     study_dir = _study_dir(config, args.resume)
     info = prepare(config.dataset, config.data_root)
+    verify_dataset(info)  # once per study: trials trust it (a changed or damaged file fails here)
     from study.tune import prepare_splits
 
     splits = prepare_splits(config, space)

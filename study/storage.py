@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from data_prep.files import write_atomic
 from study.config import StudyError
 
 SKIPPED = ("checkpoint_",)  # model checkpoints: large and not needed for reports
@@ -81,6 +82,12 @@ def make_dirs(location: str) -> None:
 
 def write_bytes(location: str, data: bytes) -> None:
     """Write a file whole: to a temporary name beside it, then moved into place."""
+    if not is_uri(location):
+        try:
+            write_atomic(location, lambda f: f.write(data))
+        except OSError as exc:
+            raise StudyError(f"cannot write {location}: {exc.strerror or exc}") from None
+        return
     fs, path = filesystem(location)
     parent, name = path.rsplit("/", 1)
     tmp = f"{parent}/.{name}.{os.getpid()}.tmp"

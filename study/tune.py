@@ -11,6 +11,10 @@ Each Tune trial is a small function that builds the trial's TrainConfig and spli
 Fixed points (e.g. the FixMatch baseline) run first and are kept out of Optuna's model.
 """
 
+import json
+import posixpath
+
+import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.search import Searcher
 
@@ -18,23 +22,23 @@ from data_prep.parquet import open_dataset
 from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, planned_trials, split_spec, trial_overrides
-from study.storage import join, split_uri
+from study.storage import ERRORS, join, split_uri
 from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit
 
 MAX_FAILURES = 2  # restarts of a failed training from its last checkpoint
+CHECKPOINTS_TO_KEEP = 2  # per in-trial run, and any a resume may still need (KeepResumableCheckpoints)
 
 
 class FixedPointsFirst(Searcher):
     """Suggest whole fixed configurations first, then defer to an inner searcher.
 
-    Every suggestion is completed with `defaults` (the base loss flags and a label), so each
-    trial's params say what ran. Results of fixed points are not fed to the inner searcher:
-    they lie outside its space."""
+    Every suggestion gets a label ("search", or the fixed point's own). Results of fixed points
+    are not fed to the inner searcher: they lie outside its space."""
 
-    def __init__(self, searcher, fixed_points, defaults, metric, mode):
+    def __init__(self, searcher, fixed_points, metric, mode):
         super().__init__(metric=metric, mode=mode)
-        self.searcher, self.pending, self.defaults = searcher, list(fixed_points), dict(defaults)
+        self.searcher, self.pending = searcher, list(fixed_points)
         self.fixed_trials = set()
 
     def set_search_properties(self, metric, mode, config, **spec):
@@ -43,11 +47,11 @@ class FixedPointsFirst(Searcher):
     def suggest(self, trial_id):
         if self.pending:
             self.fixed_trials.add(trial_id)
-            return {**self.defaults, "label": "fixed", **self.pending.pop(0)}
+            return {"label": "fixed", **self.pending.pop(0)}
         suggestion = self.searcher.suggest(trial_id)
         if not isinstance(suggestion, dict):
             return suggestion
-        return {**self.defaults, "label": "search", **suggestion}
+        return {"label": "search", **suggestion}
 
     def on_trial_result(self, trial_id, result):
         if trial_id not in self.fixed_trials:
@@ -59,10 +63,93 @@ class FixedPointsFirst(Searcher):
 
     # Tune saves the inner searcher itself; a wrapper keeps only its own state.
     def get_state(self):
-        return {"pending": self.pending, "fixed_trials": self.fixed_trials, "defaults": self.defaults}
+        return {"pending": self.pending, "fixed_trials": self.fixed_trials}
 
     def set_state(self, state):
         self.__dict__.update(state)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+class KeepResumableCheckpoints(tune.Callback):
+    """Delete an in-trial run's old checkpoints (all but its newest `keep`), but never one that the
+    experiment state on storage may still resume the trial from.
+
+    Tune's own CheckpointConfig(num_to_keep) deletes old checkpoints as soon as a new one is
+    registered, while the experiment state that `--resume` reads (it names each trial's checkpoint)
+    is written every few seconds and uploaded in the background: a driver killed in between leaves
+    a state naming a deleted checkpoint, and the resumed trial fails. So Tune keeps every checkpoint
+    and this callback deletes them once the state on storage has moved past them. That state only
+    moves forward, and resumes a trial from the checkpoint of its last result, or from the one
+    before if Tune had yet to register that checkpoint: both are kept, and all later ones."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.runs = {}  # trial id -> (filesystem, trial directory, checkpoint names, oldest first)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        names = self._track(trial)
+        names[:] = sorted({*names, posixpath.basename(checkpoint.path)})
+        self._prune()
+
+    def on_experiment_end(self, trials, **info):
+        # Tune has just uploaded its final experiment state. Trials that finished before a killed
+        # driver could delete their old checkpoints are pruned here too.
+        for trial in trials:
+            if trial.has_reported_at_least_once:
+                self._track(trial)
+        self._prune()
+
+    def _track(self, trial) -> list[str]:
+        if trial.trial_id not in self.runs:  # a resumed trial also has its earlier run's checkpoints
+            fs = trial.storage.storage_filesystem
+            self.runs[trial.trial_id] = (fs, trial.path, _checkpoint_names(fs, trial.path))
+        return self.runs[trial.trial_id][2]
+
+    def _prune(self):
+        if not self.runs:
+            return
+        fs, directory, _ = next(iter(self.runs.values()))
+        saved = _saved_checkpoints(fs, posixpath.dirname(directory))
+        if saved is None:
+            return
+        for trial_id, (fs, directory, names) in self.runs.items():
+            needed = names.index(saved[trial_id]) - 1 if saved.get(trial_id) in names else 0
+            for name in names[:max(0, min(needed, len(names) - self.keep))]:
+                try:
+                    fs.delete_dir(posixpath.join(directory, name))
+                except FileNotFoundError:
+                    pass
+                except ERRORS:
+                    continue  # kept: tried again at the next checkpoint
+                names.remove(name)
+
+
+def _checkpoint_names(fs, directory: str) -> list[str]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    except ERRORS:
+        return []
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def _saved_checkpoints(fs, experiment: str) -> dict | None:
+    """{trial id: checkpoint directory of the trial's last result} in the experiment state on
+    storage that `--resume` restores (the newest), or None while it cannot be read (being written)."""
+    try:
+        files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(experiment))]
+        states = sorted(f for f in files if f.startswith("experiment_state-") and f.endswith(".json"))
+        if not states:
+            return {}
+        with fs.open_input_stream(posixpath.join(experiment, states[-1])) as f:
+            trial_data = json.loads(f.readall())["trial_data"]
+        # Plain JSON: the parts of the state Tune stores pickled are left undecoded.
+        return {json.loads(trial)["trial_id"]: json.loads(run)["last_result"].get("checkpoint_dir_name")
+                for trial, run in trial_data}
+    except (*ERRORS, KeyError, TypeError):
+        return None
 
 
 # --- splits -----------------------------------------------------------------------------------
@@ -110,7 +197,8 @@ def run_trial(params: dict, *, study: dict) -> None:
         return
     fit(train_config, Resources(**study["resources"]), storage_path=study["train_runs"],
         name=tune.get_context().get_trial_id(), max_failures=study["max_failures"], tensorboard=False,
-        callbacks=[TuneReportCallback()], check_resources=False)  # the workers wait for an autoscaler
+        callbacks=[TuneReportCallback()], check_resources=False,  # the workers wait for an autoscaler
+        verify=False)  # the launcher verified the dataset before the first trial
 
 
 def train_in_trial(config: TrainConfig, use_gpu: bool) -> None:
@@ -118,19 +206,17 @@ def train_in_trial(config: TrainConfig, use_gpu: bool) -> None:
     import torch
 
     from data_prep.loading import load_arrays
-    from trainables.ray_train import LoopContext, run_loop
+    from trainables.loop import LoopContext, TrainData, run_loop
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if use_gpu else "cpu")
     config = TrainConfig.from_dict({**config.to_dict(), "device": device.type})
-    data = load_arrays(config.dataset, config.split, config.data_root, verify=False)
-    arrays = {"labeled": {"image": data.labeled_images, "label": data.labeled_labels},
-              "unlabeled": {"image": data.unlabeled_images, "label": data.unlabeled_labels},
-              "valid": {"image": data.valid_images, "label": data.valid_labels},
-              "test": {"image": data.test_images, "label": data.test_labels}}
-    context = LoopContext(device=device, report=tune.report, checkpoint_class=tune.Checkpoint,
-                          restored=tune.get_checkpoint())
-    run_loop(config, context, arrays, data.num_classes, data.image_shape)
+    data = TrainData.from_arrays(load_arrays(config.dataset, config.split, config.data_root, verify=False))
+
+    def report(metrics, checkpoint_dir):
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    run_loop(config, data, LoopContext(device=device, report=report, restored=tune.get_checkpoint()))
 
 
 def trial_resources(config: StudyConfig, cluster_cpus: float) -> dict:
@@ -152,16 +238,14 @@ def build_searcher(config: StudyConfig, space: dict):
     from ray.tune.search.optuna import OptunaSearch
 
     search = config.search
-    base = config.train_config().loss
-    defaults = {"cap": base.cap, "cai": base.cai, "cadr": base.cadr}
     if search.algorithm == "grid":
-        return None, {**to_tune(space), **defaults, "label": "grid"}
+        return None, {**to_tune(space), "label": "grid"}
     sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
                else optuna.samplers.RandomSampler(seed=search.seed))
     optuna_search = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
                                  points_to_evaluate=list(search.points_to_evaluate) or None, sampler=sampler)
     fixed = [{"label": p.get("label", "fixed"), **p} for p in search.fixed_points]
-    return FixedPointsFirst(optuna_search, fixed, defaults, config.metric, config.mode), {}
+    return FixedPointsFirst(optuna_search, fixed, config.metric, config.mode), {}
 
 
 def build_scheduler(config: StudyConfig):
@@ -197,8 +281,10 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     # In-trial runs restart from the trial's last checkpoint; TorchTrainer runs restart inside Train.
     failures = tune.FailureConfig(max_failures=MAX_FAILURES if config.resources.in_trial() else 0)
     storage, name = split_uri(study_dir)
-    run_config = tune.RunConfig(name=name, storage_path=storage,
-                                failure_config=failures, checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+    # Tune keeps every checkpoint (num_to_keep=None): KeepResumableCheckpoints deletes the old ones.
+    run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures,
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                                callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP)])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import data_prep.files
 import study.report as report_module
 from search_spaces import VARIANTS
 from study.config import StudyError
-from study.report import TrialRecord, build_report, compare_to_baseline, load_trials, main, write_report
+from study.report import TrialRecord, build_report, compare_to_baseline, load_trials, write_report
+from study.report.__main__ import main
+from study.report.ranking import _grid_parameters, _groups
 
 pytestmark = pytest.mark.ray
 
@@ -237,7 +240,7 @@ def test_header_states_plainly_whether_the_best_trial_beat_the_fixmatch_baseline
     d_accuracy = 100 * (best["test_accuracy_median_10"] - baseline["test_accuracy_median_10"])
     d_gm = 100 * (best["test_gm_median_10"] - baseline["test_gm_median_10"])
     assert d_accuracy > 0 and d_gm > 0
-    assert (f"CADR (trial {best_id}) beat the FixMatch baseline (trial {baseline_id}) by "
+    assert (f"CADR (trial {best_id}) beat the baseline (fixmatch: FixMatch, trial {baseline_id}) by "
             f"+{d_accuracy:.1f} points accuracy and +{d_gm:.1f} GM") in text
     assert text.startswith(f"# Study {report.name}\n\nSelected on the validation split ({METRIC})")
     assert "- Dataset: digits, split lt (n_max 50, gamma_l 20, seed 1)" in text
@@ -257,11 +260,11 @@ def test_the_sentence_says_did_not_beat_when_the_baseline_is_ahead_in_either_num
     baseline = trial("base", 0.70, 0.60, cap=False, cai=False, cadr=False)
     worse_gm = trial("cadr1", 0.75, 0.58, cap=True, cai=True, cadr=True)
     assert compare_to_baseline(worse_gm, baseline) == (
-        "CADR (trial cadr1) did not beat the FixMatch baseline (trial base): "
+        "CADR (trial cadr1) did not beat the baseline (fixmatch: FixMatch, trial base): "
         "+5.0 points accuracy and -2.0 GM (test, median of the last 10 evaluations).")
-    assert "beat the FixMatch baseline (trial base) by +1.0 points accuracy and +1.0 GM" in compare_to_baseline(
-        trial("cap1", 0.71, 0.61, cap=True), baseline)
-    assert "is the FixMatch baseline itself" in compare_to_baseline(baseline, baseline)
+    better = compare_to_baseline(trial("cap1", 0.71, 0.61, cap=True), baseline)
+    assert "beat the baseline (fixmatch: FixMatch, trial base) by +1.0 points accuracy and +1.0 GM" in better
+    assert "is the baseline (fixmatch) itself" in compare_to_baseline(baseline, baseline)
 
 
 def test_seeds_give_the_ablation_table_with_mean_and_std_per_method(study_dir):
@@ -296,7 +299,8 @@ def test_seeds_give_the_ablation_table_with_mean_and_std_per_method(study_dir):
             "test GM med10 (mean ± std) | test bal-acc med10 (mean ± std) |") in text
     assert "| class 2 acc | class 3 acc | class 4 acc |" in text
     d_accuracy = 100 * (cadr.test["accuracy"][0] - groups["fixmatch"].test["accuracy"][0])
-    assert f"Over seeds, CADR (2 seeds) beat FixMatch (2 seeds) by +{d_accuracy:.1f} points accuracy" in text
+    assert (f"Over seeds, cadr (CADR, 2 seeds) beat the baseline fixmatch (FixMatch, 2 seeds) by "
+            f"+{d_accuracy:.1f} points accuracy") in text
 
 
 def test_no_grouped_table_without_repeated_seeds(study_copy):
@@ -362,7 +366,7 @@ def test_a_failed_rebuild_leaves_the_previous_report_whole(study_copy, monkeypat
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report_module.os, "replace", refuse)
+    monkeypatch.setattr(data_prep.files.os, "replace", refuse)
     with pytest.raises(StudyError, match="No space left on device"):
         write_report(study_copy)
     monkeypatch.undo()
@@ -380,9 +384,10 @@ def test_cli_rebuilds_the_report_and_prints_the_table(study_copy, capsys):
     shutil.rmtree(study_copy / "plots", ignore_errors=True)
     assert main([str(study_copy)]) == 0
     out, err = capsys.readouterr()
-    table = out.splitlines()
+    *table, blank, wrote = out.splitlines()
     assert table[0].startswith("| # | trial | label | method | confidence |")
     assert len(table) == 2 + len(EXPECTED_ORDER) and err == ""
+    assert (blank, wrote) == ("", f"wrote {study_copy}/report.md, {study_copy}/report.csv and {study_copy}/plots/")
     assert (study_copy / "report.md").exists() and (study_copy / "report.csv").exists()
     assert (study_copy / "plots" / "history.png").exists()
 
@@ -440,7 +445,7 @@ def test_groups_over_seeds_keep_the_other_swept_parameters_apart():
 
     trials = [trial(0, "cadr", 10, 0, 0.9), trial(1, "cadr", 10, 1, 0.8), trial(2, "cadr", 50, 0, 0.5),
               trial(3, "cadr", 50, 1, 0.7)]
-    groups = report_module._groups(trials, "valid_gm_median_10", "max", ["variant", "gamma_l", "seed"])
+    groups = _groups(trials, "valid_gm_median_10", "max", ["variant", "gamma_l", "seed"])
     assert [(g.name, g.seeds) for g in groups] == [("cadr, gamma_l=10", [0, 1]), ("cadr, gamma_l=50", [0, 1])]
     assert groups[0].score == pytest.approx(0.85) and groups[1].score == pytest.approx(0.6)
     assert groups[0].test["accuracy"][0] == pytest.approx(0.75) and groups[1].test["accuracy"][0] == pytest.approx(0.5)
@@ -451,4 +456,4 @@ def test_grid_parameters_are_read_from_the_space_study_json_describes():
 
     study = {"space": {"variant": Grid(("fixmatch", "cadr")).describe(), "gamma_l": Grid((10, 50)).describe(),
                        "confidence": Uniform(0.7, 0.9).describe(), "seed": Grid((0, 1)).describe()}}
-    assert report_module._grid_parameters(study) == ["variant", "gamma_l", "seed"]
+    assert _grid_parameters(study) == ["variant", "gamma_l", "seed"]

@@ -1,0 +1,183 @@
+"""report.md: how the winner was chosen, the verdict against the baseline, the trials table and
+the over-seeds table."""
+
+import math
+from pathlib import Path
+
+from study.report.cells import _cell, _md_row, _mean_std, _percent, _seconds
+from study.report.ranking import MEASURES, TAIL_CLASSES, GroupSummary, Report
+from study.report.trials import TrialRecord
+
+COMPARED = ("test_accuracy_median_10", "test_gm_median_10")  # what "beat the baseline" is judged on
+
+
+def compare_to_baseline(best: TrialRecord, baseline: TrialRecord, name: str = "fixmatch") -> str | None:
+    """One plain sentence: did the best trial beat the study's baseline (`name`) in median-10 test
+    accuracy and GM (percentage points)? None if either lacks the numbers."""
+    if any(t.value(k) is None for t in (best, baseline) for k in COMPARED):
+        return None
+    if best.trial_id == baseline.trial_id:
+        return f"The best trial is the baseline ({name}) itself, trial {baseline.trial_id}: no other trial beat it."
+    d_accuracy, d_gm = (best.value(k) - baseline.value(k) for k in COMPARED)
+    return _verdict(f"{best.method} (trial {best.trial_id})",
+                    f"the baseline ({name}: {baseline.method}, trial {baseline.trial_id})",
+                    d_accuracy, d_gm, "test, median of the last 10 evaluations")
+
+
+def compare_groups(best: GroupSummary, baseline: GroupSummary) -> str | None:
+    """The same sentence over seeds, on the groups' mean median-10 test accuracy and GM."""
+    if best is baseline:
+        return (f"Over seeds, the baseline {baseline.name} ({baseline.method}, {len(baseline.trials)} seeds) is the "
+                "best: nothing beat it.")
+    d_accuracy = best.test["accuracy"][0] - baseline.test["accuracy"][0]
+    d_gm = best.test["gm"][0] - baseline.test["gm"][0]
+    if math.isnan(d_accuracy) or math.isnan(d_gm):
+        return None
+    return _verdict(f"Over seeds, {best.name} ({best.method}, {len(best.trials)} seeds)",
+                    f"the baseline {baseline.name} ({baseline.method}, {len(baseline.trials)} seeds)",
+                    d_accuracy, d_gm, "test, mean median-10")
+
+
+def _verdict(who: str, baseline: str, d_accuracy: float, d_gm: float, basis: str) -> str:
+    """'beat' only when both accuracy and GM are higher; differences in percentage points."""
+    difference = f"{100 * d_accuracy:+.1f} points accuracy and {100 * d_gm:+.1f} GM ({basis})."
+    if d_accuracy > 0 and d_gm > 0:
+        return f"{who} beat {baseline} by {difference}"
+    return f"{who} did not beat {baseline}: {difference}"
+
+
+def _short(metric: str) -> str:
+    """valid_balanced_accuracy_median_10 -> 'valid bal-acc med10' (table headers)."""
+    split, rest = metric.split("_", 1)
+    for long, short in (("balanced_accuracy", "bal-acc"), ("accuracy", "acc"), ("gm", "GM"),
+                        ("_median_10", " med10"), ("_median_20", " med20")):
+        rest = rest.replace(long, short)
+    return f"{split} {rest}"
+
+
+def table_metrics(report: Report) -> list[str]:
+    """The metric columns of the markdown table: the study's metric first, then the test split's
+    median-10 measures (the validation ones too when the study had a validation set)."""
+    columns = [report.metric]
+    splits = ("valid", "test") if report.has_validation else ("test",)
+    columns += [f"{split}_{measure}_median_10" for split in splits for measure in MEASURES]
+    return list(dict.fromkeys(columns))
+
+
+def format_table(report: Report) -> str:
+    """The trials as a markdown table, best first (metrics in %)."""
+    metrics = table_metrics(report)
+    header = ["#", "trial", "label", "method", *report.param_columns, *map(_short, metrics), "steps", "wall s",
+              "status"]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for rank, trial in enumerate(report.trials, 1):
+        cells = [rank, trial.trial_id, trial.label, trial.method, *(trial.params.get(n) for n in report.param_columns),
+                 *(_percent(trial.value(m)) for m in metrics), trial.steps, _seconds(trial.wall_time_s), trial.status]
+        lines.append(_md_row(cells))
+    return "\n".join(lines)
+
+
+def format_groups(report: Report) -> str:
+    """The over-seeds table: per configuration, the mean of the study's metric and the test
+    measures as mean ± std over seeds (%)."""
+    tail_classes = sorted({c for group in report.groups for c in group.tail_class_accuracy})
+    header = ["group", "method", "seeds", f"{_short(report.metric)} (mean)",
+              *(f"{_short(f'test_{m}_median_10')} (mean ± std)" for m in MEASURES),
+              f"test tail-{TAIL_CLASSES} class acc (mean)", *(f"class {c} acc" for c in tail_classes)]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for group in report.groups:
+        lines.append(_md_row([group.name, group.method, ", ".join(map(_cell, group.seeds)), _percent(group.score),
+                              *(_mean_std(*group.test[m]) for m in MEASURES),
+                              _percent(group.tail_accuracy_mean),
+                              *(_percent(group.tail_class_accuracy.get(c)) for c in tail_classes)]))
+    return "\n".join(lines)
+
+
+def selection_lines(report: Report) -> list[str]:
+    """How the winner was chosen, first thing in the report."""
+    if report.selected_on_test:
+        return ["**Selected on the test split**: the winner was chosen by its test score "
+                f"({report.metric}), so its number is optimistic; cut a validation set "
+                "(split.valid_size) to select on validation.", ""]
+    return [f"Selected on the validation split ({report.metric}); test numbers are reported beside it, "
+            "never used to choose.", ""]
+
+
+def format_markdown(report: Report) -> str:
+    study, config = report.study, report.study.get("config", {})
+    early = len(report.stopped_early())
+    counts = ", ".join(f"{n} {status}" + (f" ({early} of them stopped early, before the planned steps)"
+                                          if status == "TERMINATED" and early else "")
+                       for status, n in report.counts().items())
+    direction = "higher" if report.mode == "max" else "lower"
+    lines = [f"# Study {report.name}", "", *selection_lines(report)]
+    if study:
+        lines.append(f"- Dataset: {_dataset(study)}")
+        swept = f" (swept: {', '.join(report.swept)})" if report.swept else ""
+        lines.append(f"- Search space: {_cell(config.get('space', '?'))}{swept}")
+    lines.append(f"- Ranked by: {report.metric} ({direction} is better), the metric the search optimised "
+                 "and the scheduler pruned on; accuracy, GM and balanced accuracy in %")
+    lines.append(f"- Trials: {len(report.trials)}: {counts}")
+    best = report.best
+    if best is None:
+        lines.append("- Best: none yet (no trial has reported)")
+    else:
+        lines.append(f"- Best: trial {best.trial_id} ({_describe(best, report)}): {report.metric} "
+                     f"{_percent(report.score(best))}; test {_numbers(best, 'test')}; {best.steps} steps, "
+                     f"{_seconds(best.wall_time_s)} s")
+        on_test = report.best_on_test
+        if not report.selected_on_test and on_test is not None:
+            same = "the same trial" if on_test is best else f"trial {on_test.trial_id} ({_describe(on_test, report)})"
+            lines.append(f"- Had the study ranked on {report.test_twin} instead, it would have picked {same}: "
+                         f"test {_numbers(on_test, 'test')}")
+    baseline = report.baseline
+    sentence = compare_to_baseline(best, baseline, report.baseline_name) if best and baseline else None
+    if sentence:
+        lines += ["", f"**{sentence}**"]
+    elif best and not report.is_baseline(best):
+        lines += ["", f"No trial of the baseline ({report.baseline_name}) has results: nothing to compare with."]
+    lines += ["", "## Trials", "", format_table(report)]
+    if report.groups:
+        lines += ["", "## Over seeds", "", format_groups(report), "",
+                  (f"Configurations ranked by the mean of {report.metric} over seeds; test numbers are medians of "
+                   "the last 10 evaluations, mean ± sample std over seeds; the tail is the "
+                   f"last {TAIL_CLASSES} classes (the rarest in a long-tailed split), test split, at the last "
+                   "evaluation, averaged over seeds.")]
+        baseline_group = next((g for g in report.groups if report.is_baseline_group(g)), None)
+        group_sentence = compare_groups(report.groups[0], baseline_group) if baseline_group else None
+        if group_sentence:
+            lines += ["", f"**{group_sentence}**"]
+    failed = [t for t in report.trials if t.status == "ERROR"]
+    if failed:
+        lines += ["", "## Failed trials", ""]
+        lines += [f"- {t.trial_id}: {t.error or 'no error message'}"
+                  + (f" (see {t.path.name}/error.txt)" if t.path else "") for t in failed]
+    plots = sorted(p.name for p in (report.study_dir / "plots").glob("*.png"))
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(name).stem}](plots/{name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _dataset(study: dict) -> str:
+    config, dataset = study.get("config", {}), study.get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else dataset
+    name = name or config.get("dataset", "?")
+    split = config.get("split") or {}
+    details = ", ".join(f"{k} {v}" for k, v in split.items() if v is not None and k != "kind")
+    return f"{name}, split {split['kind']} ({details})" if split.get("kind") else str(name)
+
+
+def _describe(trial: TrialRecord, report: Report) -> str:
+    params = ", ".join(f"{n}={_cell(trial.params[n])}" for n in report.param_columns
+                       if n in trial.params and n != "variant")
+    label = f"{trial.label}: " if trial.label not in ("", "search") else ""
+    return f"{label}{trial.method}" + (f", {params}" if params else "")
+
+
+def _numbers(trial: TrialRecord, split: str) -> str:
+    """'accuracy 91.0, GM 90.1, balanced accuracy 90.5 (medians of the last 10)'."""
+    values = ", ".join(f"{measure.replace('_', ' ').replace('gm', 'GM')} "
+                       f"{_percent(trial.value(f'{split}_{measure}_median_10'))}" for measure in MEASURES)
+    return f"{values} (medians of the last 10 evaluations)"
+
+

@@ -1,0 +1,106 @@
+"""plots/*.png: per-class accuracy of the best trials, the study's history, each swept parameter."""
+
+import io
+import re
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from study.config import StudyError
+from study.report.ranking import Report
+from study.storage import write_bytes
+
+
+def write_plots(report: Report) -> list[Path]:
+    """plots/per_class_accuracy.png, plots/history.png and plots/param_<name>.png for each swept
+    numeric param. Nothing is drawn before a trial has reported."""
+    if report.best is None:
+        return []
+    plots = report.study_dir / "plots"
+    try:
+        plots.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise StudyError(f"cannot write {plots}: {exc.strerror}") from None
+    written = []
+    figure = _per_class_figure(report)
+    if figure is not None:
+        written.append(_save(figure, plots / "per_class_accuracy.png"))
+    written.append(_save(_history_figure(report), plots / "history.png"))
+    for name in report.swept:
+        figure = _param_figure(report, name)
+        if figure is not None:
+            written.append(_save(figure, plots / f"param_{_file_safe(name)}.png"))
+    return written
+
+
+def _per_class_figure(report: Report) -> Figure | None:
+    best, baseline = report.best, report.baseline
+    shown = [best] if baseline is None or baseline is best else [best, baseline]
+    shown = [t for t in shown if t.class_accuracy]
+    if not shown:
+        return None
+    figure = Figure(figsize=(max(6.0, 0.5 * len(shown[0].class_accuracy) + 2), 4), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / len(shown)
+    for i, trial in enumerate(shown):
+        values = [100 * v for v in trial.class_accuracy]
+        x = [c + (i - (len(shown) - 1) / 2) * width for c in range(len(values))]
+        role = "baseline" if trial is baseline else "best"
+        axes.bar(x, values, width, label=f"{role}: {trial.method} ({trial.trial_id})")
+    axes.set_xticks(range(len(shown[0].class_accuracy)))
+    axes.set(xlabel="class", ylabel="accuracy (%, last evaluation)", ylim=(0, 100),
+             title=f"Per-class accuracy: {report.name}")
+    figure.legend(loc="outside lower center", ncols=len(shown))
+    return figure
+
+
+def _history_figure(report: Report) -> Figure:
+    order = {t.trial_id: i for i, t in enumerate(sorted(report.trials, key=lambda t: t.trial_id), 1)}
+    scored = sorted((t for t in report.trials if report.score(t) is not None), key=lambda t: order[t.trial_id])
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.add_subplot()
+    for failed in (False, True):
+        shown = [t for t in scored if (t.status == "ERROR") == failed]
+        if shown:
+            axes.scatter([order[t.trial_id] for t in shown], [100 * report.score(t) for t in shown],
+                         marker="x" if failed else "o", label="failed trial" if failed else "trial")
+    better = max if report.mode == "max" else min
+    x, running_best = [], []
+    for trial in (t for t in scored if t.status != "ERROR"):
+        x.append(order[trial.trial_id])
+        running_best.append(better(running_best[-1], report.score(trial)) if running_best else report.score(trial))
+    if x:
+        axes.step(x, [100 * v for v in running_best], where="post", color="black", label="running best")
+    axes.set(xlabel="trial (creation order)", ylabel=f"{report.metric} (%)", title=f"Study history: {report.name}")
+    axes.legend()
+    return figure
+
+
+def _param_figure(report: Report, name: str) -> Figure | None:
+    points = [(t.params[name], report.score(t), report.is_baseline(t)) for t in report.ranked
+              if isinstance(t.params.get(name), (int, float)) and not isinstance(t.params[name], bool)]
+    if not points:
+        return None
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    for baseline in (False, True):
+        shown = [(x, y) for x, y, b in points if b == baseline]
+        if shown:
+            axes.scatter([x for x, _ in shown], [100 * y for _, y in shown], marker="s" if baseline else "o",
+                         label=f"baseline ({report.baseline_name})" if baseline else "trial")
+    axes.set(xlabel=name, ylabel=f"{report.metric} (%)", title=f"{name} vs {report.metric}")
+    axes.legend()
+    return figure
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    write_bytes(str(path), png.getvalue())
+    return path
+
+

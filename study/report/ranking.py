@@ -1,0 +1,234 @@
+"""The ranking model: every trial ordered by the study's one metric, the trial the test split
+would have picked, the baseline, and configurations summarised over seeds."""
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from study.config import StudyConfig, StudyError, from_dict
+from study.report.cells import _cell
+from study.report.trials import FLAGS, STATUSES, TrialRecord, _study_json, load_trials
+from trainables.errors import TrainConfigError
+
+EVAL_SPLITS = ("valid", "test")
+MEASURES = ("accuracy", "gm", "balanced_accuracy")
+# report.csv's metric columns -> the reported key (`_last` is the value at the last evaluation).
+METRIC_COLUMNS = {f"{split}_{measure}_{window}": f"{split}_{measure}" + ("" if window == "last" else f"_{window}")
+                  for split in EVAL_SPLITS for measure in MEASURES for window in ("last", "median_10", "median_20")}
+LEGACY_METRIC = "test_balanced_accuracy_median_10"  # studies whose study.json names no metric
+TAIL_CLASSES = 3  # the paper's ablation table reports the last (rarest) classes
+
+@dataclass
+class GroupSummary:
+    """One configuration over seeds: the mean of the study's metric (what ranks the groups), mean
+    and sample std (n - 1) of each median-10 test measure, and the test accuracy of the tail classes
+    (last TAIL_CLASSES classes, last evaluation): their mean, and each one's mean over seeds."""
+
+    name: str
+    trials: list[TrialRecord]
+    score: float  # mean of the study's metric
+    test: dict[str, tuple[float, float | None]]  # measure -> (mean, std) of test_<measure>_median_10
+    tail_accuracy_mean: float | None
+    tail_class_accuracy: dict[int, float]  # class index -> mean over seeds
+
+    @property
+    def seeds(self) -> list:
+        return [t.params.get("seed") for t in self.trials]
+
+    @property
+    def method(self) -> str:
+        return self.trials[0].method
+
+
+@dataclass
+class Report:
+    study_dir: Path
+    name: str
+    study: dict  # study.json ({} for a plain Tune experiment)
+    metric: str  # what the study searched, pruned and ranks on
+    mode: str
+    trials: list[TrialRecord]  # best first; ERROR trials after the others, trials without results last
+    param_columns: list[str]
+    groups: list[GroupSummary]  # best first; [] unless some configuration ran with several seeds
+    baseline_name: str | None = "fixmatch"  # the study's `baseline`: a trial label, variant or group
+
+    def is_baseline(self, trial: TrialRecord) -> bool:
+        """The study's `baseline` names the trial's label, its group (variant or method), or the
+        value of one of its parameters (e.g. an `augment` string)."""
+        name = self.baseline_name
+        return name is not None and (name in (trial.label, trial.group) or name in map(str, trial.params.values()))
+
+    def is_baseline_group(self, group: GroupSummary) -> bool:
+        return all(self.is_baseline(t) for t in group.trials)
+
+    def score(self, trial: TrialRecord) -> float | None:
+        return trial.value(self.metric)
+
+    @property
+    def selected_on_test(self) -> bool:
+        return self.metric.startswith("test_")
+
+    @property
+    def test_twin(self) -> str:
+        """The study's metric measured on the test split (itself when it selected on test)."""
+        return "test_" + self.metric.split("_", 1)[1]
+
+    @property
+    def ranked(self) -> list[TrialRecord]:
+        """Trials that can be compared: they have a score and did not fail."""
+        return [t for t in self.trials if t.status != "ERROR" and self.score(t) is not None]
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return self.ranked[0] if self.ranked else None
+
+    @property
+    def best_on_test(self) -> TrialRecord | None:
+        """The trial the study would have picked had it ranked on the test split instead."""
+        scored = [t for t in self.ranked if t.value(self.test_twin) is not None]
+        if not scored:
+            return None
+        sign = -1 if self.mode == "max" else 1
+        return min(scored, key=lambda t: sign * t.value(self.test_twin))
+
+    @property
+    def baseline(self) -> TrialRecord | None:
+        """The best trial of the study's baseline, if it ran one."""
+        return next((t for t in self.ranked if self.is_baseline(t)), None)
+
+    @property
+    def swept(self) -> list[str]:
+        return list(self.study.get("swept", []))
+
+    @property
+    def has_validation(self) -> bool:
+        return any("valid_accuracy" in result for trial in self.trials for result in trial.results)
+
+    def counts(self) -> dict[str, int]:
+        found = [t.status for t in self.trials]
+        order = list(STATUSES) + sorted(set(found) - set(STATUSES))
+        return {status: found.count(status) for status in order if status in found}
+
+    def stopped_early(self) -> list[TrialRecord]:
+        """TERMINATED trials that stopped before the planned steps (pruned by the scheduler, or
+        stopped by a stopping rule)."""
+        planned = self.study.get("config", {}).get("train", {}).get("steps")
+        if planned is None:
+            return []
+        return [t for t in self.trials if t.status == "TERMINATED" and t.steps is not None and t.steps < planned]
+
+    def rows(self) -> list[dict]:
+        """report.csv: one row per trial, best first, values exactly as reported."""
+        rows = []
+        for trial in self.trials:
+            row = {"trial_id": trial.trial_id, "label": trial.label, "method": trial.method, **trial.flags}
+            row.update({name: trial.params.get(name) for name in self.param_columns})
+            row.update({column: trial.value(key) for column, key in METRIC_COLUMNS.items()})
+            row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status, error=trial.error)
+            rows.append(row)
+        return rows
+
+
+def study_metric(study: dict) -> tuple[str, str]:
+    """(metric, mode) the study selected on, as study.json records them."""
+    config = study.get("config", {})
+    metric = study.get("metric") or config.get("metric") or LEGACY_METRIC
+    return metric, study.get("mode") or config.get("mode") or "max"
+
+
+def build_report(study_dir) -> Report:
+    """Read a study directory into a Report; StudyError if it is not one."""
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise StudyError(f"study directory {study_dir} does not exist")
+    study = _study_json(study_dir)
+    trials = load_trials(study_dir)
+    if not trials:
+        what = "has no trials yet" if study else "is not a study directory (no study.json and no trial directories)"
+        raise StudyError(f"{study_dir} {what}")
+    metric, mode = study_metric(study)
+    if mode not in ("max", "min"):
+        raise StudyError(f"{study_dir / 'study.json'}: mode must be max or min, got {mode!r}")
+    config = _study_config(study)
+    for trial in trials:
+        trial.resolve(config)
+    ranked = sorted(trials, key=lambda t: _rank(t, metric, mode))
+    baseline = config.baseline if config else study.get("config", {}).get("baseline", "fixmatch")
+    groups = _groups(ranked, metric, mode, _grid_parameters(study))
+    return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, ranked,
+                  _param_columns(trials, study.get("swept", [])), groups, baseline)
+
+
+def _study_config(study: dict) -> StudyConfig | None:
+    """The study's config as the launcher resolved it, or None (a plain Tune experiment, or a
+    study.json from another version of the tool)."""
+    try:
+        return from_dict(study["config"]) if isinstance(study.get("config"), dict) else None
+    except (StudyError, TypeError, TrainConfigError):
+        return None
+
+
+def _rank(trial: TrialRecord, metric: str, mode: str) -> tuple:
+    score = trial.value(metric)
+    if score is None:
+        return (2, 0.0)
+    return (int(trial.status == "ERROR"), -score if mode == "max" else score)
+
+
+def _param_columns(trials: list[TrialRecord], swept) -> list[str]:
+    """The swept params first (study.json order), then the other varying ones (seed, variant)."""
+    names = {name for t in trials for name in t.params} - set(FLAGS) - {"label", "method"}
+    return [n for n in swept if n in names] + sorted(names - set(swept))
+
+
+def _grid_parameters(study: dict) -> list[str]:
+    """The parameters the study ran as a grid (study.json describes each as 'each of {...}')."""
+    return [name for name, described in study.get("space", {}).items() if str(described).startswith("each of")]
+
+
+def _group_name(trial: TrialRecord, swept) -> str:
+    """The trial's group, plus any other grid parameter but the seed (e.g. a grid over
+    variant x gamma_l x seed groups by variant and gamma_l)."""
+    others = [name for name in swept if name not in ("seed", "variant")]
+    return ", ".join([trial.group] + [f"{name}={_cell(trial.params.get(name))}" for name in others])
+
+
+def _groups(best_first: list[TrialRecord], metric: str, mode: str, swept=()) -> list[GroupSummary]:
+    by_group: dict[str, list[TrialRecord]] = {}
+    for trial in best_first:
+        if trial.status != "ERROR" and trial.value(metric) is not None:
+            by_group.setdefault(_group_name(trial, swept), []).append(trial)
+    if not any(len({t.params.get("seed") for t in group if "seed" in t.params}) > 1 for group in by_group.values()):
+        return []
+    summaries = []
+    for name, trials in by_group.items():
+        test = {}
+        for measure in MEASURES:
+            values = [t.value(f"test_{measure}_median_10") for t in trials]
+            test[measure] = (_mean(values), _std(values))
+        per_class = [t.class_accuracy for t in trials if t.class_accuracy]
+        tails = [_mean(classes[-TAIL_CLASSES:]) for classes in per_class]
+        num_classes = min((len(classes) for classes in per_class), default=0)
+        tail_classes = range(max(num_classes - TAIL_CLASSES, 0), num_classes)
+        summaries.append(GroupSummary(
+            name, sorted(trials, key=lambda t: _seed_order(t.params.get("seed"))),
+            _mean([t.value(metric) for t in trials]), test,
+            _mean(tails) if tails else None, {c: _mean([classes[c] for classes in per_class]) for c in tail_classes}))
+    return sorted(summaries, key=lambda g: -g.score if mode == "max" else g.score)
+
+
+def _seed_order(seed) -> tuple:
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _std(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
