@@ -24,5 +24,12 @@ def prepare(dataset, data_root=None):
     except DataPrepError:
         if get_reader(dataset).needs_source:
             raise
+    try:
         info, _ = convert(dataset, data_root=data_root)
-        return info
+    except DataPrepError:
+        try:  # two launches at once: the other one converted it first
+            return open_dataset(dataset, data_root)
+        except DataPrepError:
+            pass
+        raise
+    return info

@@ -84,6 +84,9 @@ def load_arrays(dataset, split, data_root=None, *, verify=True) -> SSLArrays:
     )
 
 
+DATA_TASK_CPUS = 0.25
+
+
 class _SelectRows:
     """map_batches: keep the rows of a split, each as often as the split lists it. With
     `positions`, rows (listed once each) get a `position` column: their place in `indices`."""
@@ -134,12 +137,18 @@ def ray_datasets(dataset, split, data_root=None, *, verify=True) -> dict:
     pool_size = sum(info.partitions[p]["count"] for p in info.pool_partitions())
     decode = _DecodeImages(info.image_shape)
 
-    def select(indices, positions=False):
-        rows = ray.data.read_parquet(pool_files).map_batches(
-            _SelectRows(indices, pool_size, positions), batch_format="pyarrow")
-        return rows.map_batches(decode, batch_format="pyarrow")
+    # Ray Data's tasks ask for a fraction of a CPU: a whole one may never be free on a node whose
+    # CPUs the training workers reserve (a cluster of 1-CPU nodes would wait forever).
+    task = {"num_cpus": DATA_TASK_CPUS}
 
-    test = ray.data.read_parquet([str(f) for f in info.files("test")]).map_batches(decode, batch_format="pyarrow")
+    def read(files):
+        return ray.data.read_parquet(files, ray_remote_args=task)
+
+    def select(indices, positions=False):
+        rows = read(pool_files).map_batches(_SelectRows(indices, pool_size, positions), batch_format="pyarrow", **task)
+        return rows.map_batches(decode, batch_format="pyarrow", **task)
+
+    test = read([str(f) for f in info.files("test")]).map_batches(decode, batch_format="pyarrow", **task)
     datasets = {"labeled": select(split.labeled_indices), "unlabeled": select(split.unlabeled_indices, positions=True),
                 "test": test}
     if split.has_validation:

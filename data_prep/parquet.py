@@ -274,13 +274,16 @@ def write_dataset(raw, data_root=None, *, overwrite=False) -> DatasetInfo:
         }
         (tmp / "splits").mkdir()
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists():
+        if overwrite and final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{raw.name}.old-", dir=root))
             os.rename(final, old / raw.name)
             os.rename(tmp, final)
             shutil.rmtree(old)
         else:
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process finished converting it meanwhile
+                raise DataPrepError(f"{final} already exists (pass --overwrite to replace it)") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

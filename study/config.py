@@ -62,7 +62,7 @@ class SearchConfig:
     num_samples: int = 4  # searched trials (grid spaces: repeats of the grid, seeded train.seed + 0, 1, ...)
     max_concurrent: int = 2
     seed: int = 0
-    points_to_evaluate: list = field(default_factory=list)  # in-space points tried first
+    points_to_evaluate: list = field(default_factory=list)  # in-space points tried first (with an optional label)
     fixed_points: list = field(default_factory=list)  # whole configurations run as-is (baselines)
 
 
@@ -138,7 +138,7 @@ DEFAULT_STUDY = {
     "space": "thresholds",
     "search": {
         "algorithm": "optuna", "num_samples": 5, "max_concurrent": 2, "seed": 0,
-        "points_to_evaluate": [{"confidence": 0.95, "cai_beta": 0.5}],
+        "points_to_evaluate": [{"label": "paper defaults", "confidence": 0.95, "cai_beta": 0.5}],
         "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False,
                           "confidence": 0.95, "cai_beta": 0.5}],
     },
@@ -301,10 +301,10 @@ def validate(config: StudyConfig) -> dict:
     if search.algorithm == "grid" and search.fixed_points:
         raise StudyError("fixed_points cannot be combined with a grid search (put them in the grid)")
     for point in search.points_to_evaluate:
-        missing = set(space) - set(point)
-        if missing or set(point) - set(space):
+        params = set(point) - {"label"}
+        if params != set(space):
             raise StudyError(f"points_to_evaluate entries must set exactly the space's parameters "
-                             f"({', '.join(sorted(space))}); got {', '.join(sorted(point))}")
+                             f"({', '.join(sorted(space))}) and may have a label; got {', '.join(sorted(point))}")
     if search.num_samples < 1 or search.max_concurrent < 1:
         raise StudyError("search.num_samples and search.max_concurrent must be >= 1")
     if search.algorithm == "grid" and search.num_samples > 1:

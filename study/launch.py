@@ -17,6 +17,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 
 import yaml
 
@@ -24,6 +25,7 @@ from data_prep import DataPrepError
 from data_prep.parquet import default_data_root, verify_dataset
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
+from study.claim import DriverClaim
 from study.config import StudyError, default_name, load, planned_trials, select_metric, validate
 from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, write_bytes
 from trainables.errors import TrainConfigError
@@ -155,11 +157,20 @@ def _run(args) -> int:
     config.data_root = os.path.abspath(config.data_root or default_data_root())
     space = validate(config)
     study_dir = _study_dir(config, args.resume)
+    converted = not (Path(config.data_root) / config.dataset / "dataset.json").is_file()
     info = prepare(config.dataset, config.data_root)
     verify_dataset(info)  # once per study: trials trust it (a changed or damaged file fails here)
+    images = sum(p["count"] for p in info.partitions.values())
+    print(f"dataset {info.name}: {'converted now into' if converted else 'found at'} {info.path} ({images} images, "
+          "checksum verified)")
     from study.tune import prepare_splits
 
     splits = prepare_splits(config, space)
+    for name, split in splits.items():
+        created = split.pop("created")
+        valid = f", {split['valid']} validation ({split['valid_kind']})" if split["valid"] else ", no validation set"
+        print(f"split {name}: {'cut now' if created else 'found'} in {info.path / 'splits'} ({split['labeled']} "
+              f"labeled, {split['unlabeled']} unlabeled{valid})")
     warning = select_metric(config, has_validation=all(s["valid"] > 0 for s in splits.values()))
     if warning:
         print(warning, file=sys.stderr)
@@ -168,6 +179,11 @@ def _run(args) -> int:
         print("dry run: nothing was trained")
         return 0
 
+    with DriverClaim(study_dir):  # one driver per study, from here to the report
+        return _drive(args, config, space, study_dir, info, splits)
+
+
+def _drive(args, config, space, study_dir, info, splits) -> int:
     import ray
     import ray.data
 
@@ -176,7 +192,9 @@ def _run(args) -> int:
 
     # `ray job submit` sets RAY_ADDRESS for the driver: then the study runs on that cluster.
     local_ray = config.address is None and not os.environ.get("RAY_ADDRESS")
-    ray.init(address=config.address, include_dashboard=False)
+    # Without --address or RAY_ADDRESS this starts a new local Ray: it never attaches to another
+    # instance it happens to find on the machine.
+    ray.init(address=config.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
     cluster_cpus = cluster.get("CPU", 1)
@@ -185,16 +203,26 @@ def _run(args) -> int:
     if not args.resume:
         write_study_json(study_dir, config, space, info, splits)
     print_plan(config, space, study_dir)
+    # The study's loggers are its own (study/tune.py): Tune adds none, so its TensorBoard logger
+    # does not also write events against its iteration count (nor print a second command).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     tuner = restore_tuner(config, study_dir, cluster_cpus) if args.resume else \
         build_tuner(config, space, study_dir, cluster_cpus)
-    results = tuner.fit()
+    tuner.fit()
+    ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
     with local_study(study_dir) as local:
         report = write_report(local)
     print(format_table(report))
     print(f"\nreport: {study_dir}/report.md")
     logdir = study_dir.removeprefix("file://")  # TensorBoard reads paths, gs:// and s3:// (with their extras)
     print(f"compare trials: tensorboard --logdir {logdir}")
-    return 0 if any(r.error is None for r in results) else 1
+    if report.best is None:  # every trial failed: say why in one line
+        failure = next((t.error for t in report.trials if t.status == "ERROR" and t.error), None)
+        why = f"; the first failure: {failure}" if failure else ""
+        print(f"error: no trial of study {config.name} finished{why} (every trial is in {study_dir}/report.md)",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ Fixed points (e.g. the FixMatch baseline) run first and are kept out of Optuna's
 """
 
 import json
+import math
 import posixpath
 
 import pyarrow.fs as pafs
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import Searcher
 
 from data_prep.parquet import open_dataset
@@ -23,8 +25,9 @@ from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, planned_trials, split_spec, trial_overrides
 from study.storage import ERRORS, join, split_uri
+from study.tensorboard import StudyTensorBoard
 from trainables.config import TrainConfig
-from trainables.ray_train import Resources, fit
+from trainables.ray_train import Resources, fit, quiet_ray_logs
 
 MAX_FAILURES = 2  # restarts of a failed training from its last checkpoint
 CHECKPOINTS_TO_KEEP = 2  # per in-trial run, and any a resume may still need (KeepResumableCheckpoints)
@@ -33,12 +36,14 @@ CHECKPOINTS_TO_KEEP = 2  # per in-trial run, and any a resume may still need (Ke
 class FixedPointsFirst(Searcher):
     """Suggest whole fixed configurations first, then defer to an inner searcher.
 
-    Every suggestion gets a label ("search", or the fixed point's own). Results of fixed points
-    are not fed to the inner searcher: they lie outside its space."""
+    Every suggestion gets a label: a fixed point's own, a named starting point's own (the inner
+    searcher suggests its `points_to_evaluate` first, in order), else "search". Results of fixed
+    points are not fed to the inner searcher: they lie outside its space."""
 
-    def __init__(self, searcher, fixed_points, metric, mode):
+    def __init__(self, searcher, fixed_points, metric, mode, start_labels=()):
         super().__init__(metric=metric, mode=mode)
         self.searcher, self.pending = searcher, list(fixed_points)
+        self.start_labels = list(start_labels)  # the labels of the inner searcher's first suggestions
         self.fixed_trials = set()
 
     def set_search_properties(self, metric, mode, config, **spec):
@@ -51,7 +56,7 @@ class FixedPointsFirst(Searcher):
         suggestion = self.searcher.suggest(trial_id)
         if not isinstance(suggestion, dict):
             return suggestion
-        return {"label": "search", **suggestion}
+        return {"label": self.start_labels.pop(0) if self.start_labels else "search", **suggestion}
 
     def on_trial_result(self, trial_id, result):
         if trial_id not in self.fixed_trials:
@@ -63,7 +68,7 @@ class FixedPointsFirst(Searcher):
 
     # Tune saves the inner searcher itself; a wrapper keeps only its own state.
     def get_state(self):
-        return {"pending": self.pending, "fixed_trials": self.fixed_trials}
+        return {"pending": self.pending, "fixed_trials": self.fixed_trials, "start_labels": self.start_labels}
 
     def set_state(self, state):
         self.__dict__.update(state)
@@ -157,7 +162,8 @@ def _saved_checkpoints(fs, experiment: str) -> dict | None:
 
 def prepare_splits(config: StudyConfig, space: dict) -> dict:
     """Create (or check) every split the study can use, before any trial starts, so an imbalance
-    the dataset cannot support fails here. Returns {split name: counts and dataset checksum} for study.json."""
+    the dataset cannot support fails here. Returns {split name: counts, dataset checksum and whether
+    it was cut now ("created")}."""
     info = open_dataset(config.dataset, config.data_root)
     gammas_l = space["gamma_l"].values if "gamma_l" in space else [config.split.gamma_l]
     gammas_u = space["gamma_u"].values if "gamma_u" in space else [config.split.gamma_u]
@@ -168,12 +174,14 @@ def prepare_splits(config: StudyConfig, space: dict) -> dict:
         for gamma_u in gammas_u:
             spec = split_spec(config, {"gamma_l": gamma_l, "gamma_u": gamma_u})
             name = spec.default_name(info.name)
-            if split_path(info, name).is_file():
-                split = load_split(info, name, create=False)
-            else:
+            created = not split_path(info, name).is_file()
+            if created:
                 split = make_split(info, spec)
                 save_split(info, split)
-            splits[name] = {"labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
+            else:
+                split = load_split(info, name, create=False)
+            splits[name] = {"created": created,
+                            "labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
                             "labeled_counts": split.labeled_counts, "valid": len(split.valid_indices),
                             "valid_kind": split.spec.valid_kind if split.has_validation else None,
                             "valid_counts": split.valid_counts, "dataset_checksum": split.dataset_checksum}
@@ -189,34 +197,44 @@ def run_trial(params: dict, *, study: dict) -> None:
 
     from study.config import from_dict
 
+    quiet_ray_logs()
     config = from_dict(study["config"])
     spec = split_spec(config, params)
     train_config = config.train_config({**trial_overrides(params), "split": spec.default_name(config.dataset)})
     if study["in_trial"]:
-        train_in_trial(train_config, use_gpu=study["resources"]["use_gpu"])
+        # A failure that would recur (divergence, ...) ends the trial with one result Tune accepts
+        # (it holds the study's metric), instead of an error Tune would retry; the report marks
+        # the trial failed with that line.
+        train_in_trial(train_config, use_gpu=study["resources"]["use_gpu"],
+                       failure_metrics={config.metric: math.nan})
         return
+    # TrainingFailed ends a TorchTrainer trial as an error: Tune does not retry those (Train does).
     fit(train_config, Resources(**study["resources"]), storage_path=study["train_runs"],
         name=tune.get_context().get_trial_id(), max_failures=study["max_failures"], tensorboard=False,
         callbacks=[TuneReportCallback()], check_resources=False,  # the workers wait for an autoscaler
-        verify=False)  # the launcher verified the dataset before the first trial
+        verify=False)  # the launcher verified the dataset
 
 
-def train_in_trial(config: TrainConfig, use_gpu: bool) -> None:
+def train_in_trial(config: TrainConfig, use_gpu: bool, failure_metrics: dict) -> None:
     """Train one worker's loop in this (trial) process, resuming from the trial's checkpoint."""
     import torch
 
     from data_prep.loading import load_arrays
-    from trainables.loop import LoopContext, TrainData, run_loop
+    from trainables.loop import LoopContext, TrainData, run_or_report_failure
 
     torch.set_num_threads(1)
+    quiet_ray_logs()
     device = torch.device("cuda" if use_gpu else "cpu")
     config = TrainConfig.from_dict({**config.to_dict(), "device": device.type})
-    data = TrainData.from_arrays(load_arrays(config.dataset, config.split, config.data_root, verify=False))
+
+    def load_data():
+        return TrainData.from_arrays(load_arrays(config.dataset, config.split, config.data_root, verify=False))
 
     def report(metrics, checkpoint_dir):
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    run_loop(config, data, LoopContext(device=device, report=report, restored=tune.get_checkpoint()))
+    context = LoopContext(device=device, report=report, restored=tune.get_checkpoint())
+    run_or_report_failure(config, load_data, context, failure_metrics)
 
 
 def trial_resources(config: StudyConfig, cluster_cpus: float) -> dict:
@@ -240,12 +258,15 @@ def build_searcher(config: StudyConfig, space: dict):
     search = config.search
     if search.algorithm == "grid":
         return None, {**to_tune(space), "label": "grid"}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is noise here
     sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
                else optuna.samplers.RandomSampler(seed=search.seed))
+    starts = [{k: v for k, v in point.items() if k != "label"} for point in search.points_to_evaluate]
     optuna_search = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
-                                 points_to_evaluate=list(search.points_to_evaluate) or None, sampler=sampler)
+                                 points_to_evaluate=starts or None, sampler=sampler)
     fixed = [{"label": p.get("label", "fixed"), **p} for p in search.fixed_points]
-    return FixedPointsFirst(optuna_search, fixed, config.metric, config.mode), {}
+    start_labels = [point.get("label", "search") for point in search.points_to_evaluate]
+    return FixedPointsFirst(optuna_search, fixed, config.metric, config.mode, start_labels), {}
 
 
 def build_scheduler(config: StudyConfig):
@@ -282,9 +303,12 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     failures = tune.FailureConfig(max_failures=MAX_FAILURES if config.resources.in_trial() else 0)
     storage, name = split_uri(study_dir)
     # Tune keeps every checkpoint (num_to_keep=None): KeepResumableCheckpoints deletes the old ones.
-    run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures,
+    # Tune's own loggers but its TensorBoard one (see `logger_callbacks`).
+    loggers = [CSVLoggerCallback(), JsonLoggerCallback(), StudyTensorBoard()]
+    # verbose=0: the trials' own progress lines are the study's console, not Tune's tables too.
+    run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures, verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                                callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP)])
+                                callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP), *loggers])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 

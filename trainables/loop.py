@@ -14,6 +14,7 @@ checkpoint.
 """
 
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -29,9 +30,9 @@ import torch
 
 from data_prep.files import write_atomic
 from trainables.config import TrainConfig
+from trainables.errors import CheckpointRefused, TrainConfigError, TrainingDiverged
 from trainables.metrics import accuracy, balanced_accuracy, geometric_mean_accuracy, per_class_accuracy
 from trainables.step import (
-    TrainingDiverged,
     TrainState,
     build_state,
     normalize,
@@ -177,8 +178,50 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
 
 
 def load_checkpoint(path: Path, device) -> dict:
-    """A checkpoint's state, loaded as tensors and plain data only (never arbitrary objects)."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """A checkpoint's state, loaded as tensors and plain data only (never arbitrary objects).
+    CheckpointRefused, naming the file, if it holds anything else or cannot be read."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointRefused(f"checkpoint {path} holds something other than tensors and plain data (it could "
+                                "run code when loaded); refusing it: delete it, or start the run under another name"
+                                ) from None
+    except (OSError, EOFError, RuntimeError) as exc:
+        raise CheckpointRefused(f"checkpoint {path} cannot be read ({' '.join(str(exc).split())[:200]}); delete it, "
+                                "or start the run under another name") from None
+
+
+# Failures that would recur if the run were retried from its last checkpoint.
+RECURRING_FAILURES = (TrainingDiverged, TrainConfigError)
+FATAL_ERROR = "fatal_error"  # the key of the one result an in-trial run reports when such a failure stops it
+
+
+def run_or_report_failure(config: TrainConfig, load_data: Callable[[], TrainData], context: LoopContext,
+                          failure_metrics: dict | None = None) -> str | None:
+    """`run_loop` for a runner that Ray retries. A failure that would recur on a retry (divergence,
+    a refused checkpoint, bad data or configuration) returns its one line instead of raising, so
+    Ray does not retry it; with `failure_metrics` it is also reported, as
+    {"fatal_error": line, **failure_metrics}. Process and node faults still raise, and are retried
+    from the last checkpoint."""
+    from data_prep.errors import DataPrepError
+
+    try:
+        run_loop(config, load_data(), context)
+    except (*RECURRING_FAILURES, DataPrepError) as exc:
+        line = one_line(exc)
+        if failure_metrics is not None:
+            context.report({FATAL_ERROR: line, **failure_metrics}, None)
+        return line
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """A failure as one line (divergence keeps its name: the message alone reads as a symptom)."""
+    text = " ".join(str(exc).split())
+    return f"training diverged: {text}" if isinstance(exc, TrainingDiverged) else text
+
+
+
 
 
 # --- sampling and statistics ------------------------------------------------------------------

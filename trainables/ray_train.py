@@ -6,6 +6,7 @@ loop (trainables/loop.py) with Ray Train's report, checkpoint and DDP wrapper, a
 starts the TorchTrainer.
 """
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainables.config import TrainConfig
-from trainables.errors import TrainConfigError
-from trainables.loop import LoopContext, TrainData, run_loop
+from trainables.errors import TrainConfigError, TrainingFailed
+from trainables.loop import LoopContext, TrainData, run_or_report_failure
 
 
 @dataclass(frozen=True)
@@ -68,28 +69,40 @@ def _materialize(shard, image_shape, columns=("image", "label")) -> dict:
     return {column: values[order] for column, values in arrays.items()}
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def quiet_ray_logs() -> None:
+    """In a worker: keep Ray Train's, Tune's and Ray Data's routine INFO lines ("Reporting training
+    result ...", "Checkpoint successfully created ...") out of the console; warnings still show.
+    The loop's own progress line is what a user follows."""
+    for name in ("ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(loop_config: dict) -> str | None:
     """Ray Train's per-worker entry point. loop_config: {"train": TrainConfig.to_dict(),
     "classes": int, "image_shape": [H, W, C], "num_unlabeled": int, "has_valid": bool,
-    "tensorboard_dir": str | None, "torch_threads": int}."""
+    "tensorboard_dir": str | None, "torch_threads": int}. Returns the one line of a failure that
+    would recur on a retry (Ray Train does not retry a worker group that returned), else None."""
     import ray.data
     import ray.train
     import ray.train.torch
     import torch
 
     torch.set_num_threads(loop_config.get("torch_threads", 1))
+    quiet_ray_logs()
     ray.data.DataContext.get_current().enable_progress_bars = False
     rank = ray.train.get_context().get_world_rank()
     image_shape = tuple(loop_config["image_shape"])
-    labeled = _materialize(ray.train.get_dataset_shard("labeled"), image_shape)
-    unlabeled = _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape, ("image", "position"))
-    eval_sets = {}
-    if rank == 0:  # only rank 0 evaluates
-        for split in ("valid", "test") if loop_config["has_valid"] else ("test",):
-            rows = _materialize(ray.train.get_dataset_shard(split), image_shape)
-            eval_sets[split] = (rows["image"], rows["label"])
-    data = TrainData(labeled["image"], labeled["label"], unlabeled["image"], unlabeled["position"],
-                     loop_config["num_unlabeled"], loop_config["classes"], image_shape, eval_sets)
+
+    def load_data() -> TrainData:
+        labeled = _materialize(ray.train.get_dataset_shard("labeled"), image_shape)
+        unlabeled = _materialize(ray.train.get_dataset_shard("unlabeled"), image_shape, ("image", "position"))
+        eval_sets = {}
+        if rank == 0:  # only rank 0 evaluates
+            for split in ("valid", "test") if loop_config["has_valid"] else ("test",):
+                rows = _materialize(ray.train.get_dataset_shard(split), image_shape)
+                eval_sets[split] = (rows["image"], rows["label"])
+        return TrainData(labeled["image"], labeled["label"], unlabeled["image"], unlabeled["position"],
+                         loop_config["num_unlabeled"], loop_config["classes"], image_shape, eval_sets)
 
     def report(metrics, checkpoint_dir):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -99,7 +112,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           rank=rank, world_size=ray.train.get_context().get_world_size(),
                           wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
                           tensorboard_dir=loop_config.get("tensorboard_dir"))
-    run_loop(TrainConfig.from_dict(loop_config["train"]), data, context)
+    return run_or_report_failure(TrainConfig.from_dict(loop_config["train"]), load_data, context)
+
+
+def prepare_storage(storage_path: str) -> str:
+    """The absolute path of a local storage directory, created; a URI (s3://, gs://, file://) goes
+    to Ray as it is. TrainConfigError if the directory cannot be made."""
+    if "://" in storage_path:
+        return storage_path
+    storage_path = os.path.abspath(storage_path)
+    try:
+        os.makedirs(storage_path, exist_ok=True)
+    except OSError as exc:
+        raise TrainConfigError(f"storage {storage_path} is not writable ({exc.strerror}); pass another --storage") \
+            from None
+    return storage_path
 
 
 def _tensorboard_dir(storage_path: str, name: str) -> str | None:
@@ -113,13 +140,17 @@ def _tensorboard_dir(storage_path: str, name: str) -> str | None:
 
 def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path="results", name=None,
         max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None, check_resources=True,
-        verify=True):
+        verify=True, address=None):
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
 
     Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
     unique per run: Ray resumes a run whose name and storage path already exist. With
     check_resources=False the workers may wait for nodes an autoscaler has yet to add. verify=False
-    skips the dataset's checksum (a study verifies it once, before its first trial)."""
+    skips the dataset's checksum (a study verifies it once, before its first trial).
+
+    A failure that would recur on a retry (divergence, a refused checkpoint, bad data) is not
+    retried: `fit` raises TrainingFailed with its one line. Process and node faults are retried
+    (`max_failures`) from the last checkpoint."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
@@ -128,8 +159,9 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     from data_prep.loading import ray_datasets, resolve
 
     info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
-    if not ray.is_initialized():
-        ray.init()
+    storage_path = prepare_storage(str(storage_path))
+    if not ray.is_initialized():  # a new local Ray unless --address or RAY_ADDRESS names a cluster
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
     if check_resources:
@@ -140,9 +172,6 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
         from datetime import datetime
 
         name = f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-    storage_path = str(storage_path)
-    if "://" not in storage_path:  # a URI (s3://, gs://, file://) goes to Ray as it is
-        storage_path = os.path.abspath(storage_path)
     config = TrainConfig.from_dict({**config.to_dict(), "data_root": str(info.path.parent.resolve()),
                                     "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {
@@ -163,4 +192,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if result.error is None and result.return_value:
+        raise TrainingFailed(result.return_value)
+    return result

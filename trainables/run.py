@@ -11,7 +11,7 @@ from dataclasses import fields
 
 from data_prep import DataPrepError
 from trainables.config import TrainConfig
-from trainables.errors import TrainConfigError
+from trainables.errors import TrainConfigError, TrainingFailed
 from trainables.methods import METHODS
 from trainables.ray_train import Resources, fit
 
@@ -71,17 +71,13 @@ def main(argv=None):
     storage, name, max_failures, address = (args.pop(k) for k in ("storage", "name", "max_failures", "address"))
     try:
         config = TrainConfig.from_dict(args)
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False)
         # A cluster (--address, or RAY_ADDRESS under `ray job submit`) may autoscale: its current
         # size is no limit.
         local_ray = address is None and not os.environ.get("RAY_ADDRESS")
         result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures,
-                     check_resources=local_ray)
-    except (TrainConfigError, DataPrepError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+                     check_resources=local_ray, address=address)
+    except (TrainConfigError, DataPrepError, TrainingFailed) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if result.error is not None:
         print(f"error: training failed: {result.error}", file=sys.stderr)

@@ -17,15 +17,11 @@ import torch.nn.functional as F
 
 from trainables.augment import Augmenter
 from trainables.config import TrainConfig
-from trainables.errors import TrainConfigError
+from trainables.errors import TrainConfigError, TrainingDiverged
 from trainables.losses import Collective, global_mean
 from trainables.methods import Method, create_method
 from trainables.metrics import MetricTracker
 from trainables.models import create_model, weight_decay_parameters
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; training stops instead of going on with garbage."""
 
 
 def resolve_device(name: str) -> torch.device:

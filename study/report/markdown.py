@@ -6,7 +6,7 @@ from pathlib import Path
 
 from study.report.cells import _cell, _md_row, _mean_std, _percent, _seconds
 from study.report.ranking import MEASURES, TAIL_CLASSES, GroupSummary, Report
-from study.report.trials import TrialRecord
+from study.report.trials import GENERIC_LABELS, TrialRecord
 
 COMPARED = ("test_accuracy_median_10", "test_gm_median_10")  # what "beat the baseline" is judged on
 
@@ -170,7 +170,7 @@ def _dataset(study: dict) -> str:
 def _describe(trial: TrialRecord, report: Report) -> str:
     params = ", ".join(f"{n}={_cell(trial.params[n])}" for n in report.param_columns
                        if n in trial.params and n != "variant")
-    label = f"{trial.label}: " if trial.label not in ("", "search") else ""
+    label = f"{trial.label}: " if trial.label not in GENERIC_LABELS else ""
     return f"{label}{trial.method}" + (f", {params}" if params else "")
 
 

@@ -13,6 +13,7 @@ from search_spaces import VARIANTS
 from study.config import StudyConfig, StudyError, trial_overrides
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
+from trainables.loop import FATAL_ERROR
 from trainables.methods import METHODS
 
 FLAGS = ("cap", "cai", "cadr")  # FixMatch's corrections, a column each in report.csv
@@ -118,6 +119,8 @@ def load_trials(study_dir) -> list[TrialRecord]:
         state = by_dir.get(path.name)
         trial_id = (state or {}).get("trial_id") or _trial_id(path.name, results)
         status = state["status"] if state and state.get("status") else _inferred_status(results, error, planned_steps)
+        if results and results[-1].get(FATAL_ERROR):  # a failure that would recur ended the trial
+            status, error = "ERROR", str(results[-1][FATAL_ERROR])
         trials.append(TrialRecord(trial_id, _flat_params(params), status, results, path, error))
         seen.add(trial_id)
     for state in states:  # created by Tune, not started yet

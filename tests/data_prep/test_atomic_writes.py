@@ -109,3 +109,24 @@ def test_split_file_write_that_fails_leaves_no_file(synth, monkeypatch):
     monkeypatch.undo()
     assert entries(synth.info.path / "splits") == []
     assert json.loads(save_split(synth.info, split).read_text())["labeled_indices"] == split.labeled_indices.tolist()
+
+
+def test_a_launch_that_finds_its_dataset_converted_by_another_meanwhile_uses_it(tmp_path, monkeypatch):
+    # Two launches at once: both looked before either finished converting; this one's conversion
+    # then finds the other's finished dataset in place, and uses it instead of failing.
+    import data_prep.convert
+    from data_prep.convert import prepare
+    from data_prep.parquet import open_dataset
+
+    other = prepare("digits", tmp_path / "data")  # the other launch, done first
+    looks = []
+
+    def looked_too_early(name, root):
+        looks.append(name)
+        if len(looks) == 1:
+            raise DataPrepError(f"dataset '{name}' not found under {root}")
+        return open_dataset(name, root)
+
+    monkeypatch.setattr(data_prep.convert, "open_dataset", looked_too_early)
+    assert prepare("digits", tmp_path / "data").checksum == other.checksum
+    assert entries(tmp_path / "data") == ["digits"]  # no temporary folder left

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 import yaml
+from tensorboard_events import scalars
 
 from search_spaces import SPACES, get_space
 from search_spaces.spaces import is_grid
@@ -26,6 +27,7 @@ TINY = {
               "cap": True, "cai": True, "cadr": True},
     "space": "thresholds",
     "search": {"algorithm": "optuna", "num_samples": 1, "max_concurrent": 2, "seed": 0,
+               "points_to_evaluate": [{"label": "paper defaults", "confidence": 0.95, "cai_beta": 0.5}],
                "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False}]},
     "scheduler": {"name": "asha", "grace_period": 2},  # 2 evaluations: ASHA stops no trial early
 }
@@ -177,7 +179,12 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, t
     for trial in trials:
         results = _results(trial)
         assert [r["step"] for r in results] == [10, 20]
-        assert list(trial.glob("events.out.tfevents.*"))
+        # TensorBoard: the training step on the x-axis and the metrics' own names, as a single
+        # run writes them; the trial's label among its HParams.
+        written = scalars(trial)
+        assert sorted(written["test_accuracy"]) == [10, 20] and sorted(written["loss/total"]) == [10, 20]
+        assert written["test_accuracy"][20] == pytest.approx(results[-1]["test_accuracy"], rel=1e-6)
+        assert not any(tag.startswith("ray/tune/") for tag in written)
         recorded[results[-1]["trial_id"]] = results[-1]
     with open(study / "report.csv") as f:
         rows = list(csv.DictReader(f))
@@ -192,7 +199,7 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, t
     # Best first by the validation metric; the winner's test numbers stand beside it.
     assert [float(r[METRIC]) for r in rows] == sorted((float(r[METRIC]) for r in rows), reverse=True)
     labels = sorted(row["label"] for row in rows)
-    assert labels == ["fixmatch", "search"]
+    assert labels == ["fixmatch", "paper defaults"]  # a named starting point keeps its name
     text = (study / "report.md").read_text()
     winner = rows[0]
     assert f"- Best: trial {winner['trial_id']} (" in text
@@ -245,6 +252,39 @@ def test_a_study_that_mixes_methods_reports_each_under_its_name(tmp_path):
     text = (study / "report.md").read_text()
     for method in by_method:
         assert f"| {method} |" in text
+
+
+@pytest.mark.ray
+def test_trials_that_diverge_are_not_retried_and_the_launch_ends_with_one_line(tmp_path):
+    config = _config(tmp_path, train={**TINY["train"], "lr": 1e6})
+    process = _launch(tmp_path, "diverging", config=config)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: no trial of study diverging finished; the first failure: training diverged: "), errors
+    study = tmp_path / "studies" / "diverging"
+    with open(study / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(row["status"] == "ERROR" for row in rows)
+    assert all(row["error"].startswith("training diverged: ") for row in rows)
+    for trial in study.glob("trial_*"):
+        assert [result.get("fatal_error", "")[:18] for result in _results(trial)] == ["training diverged:"]  # once
+
+
+@pytest.mark.ray
+def test_two_launches_of_one_study_started_together_run_it_once(tmp_path):
+    config = _config(tmp_path, search={**TINY["search"], "fixed_points": []})
+    first, second = (_launch(tmp_path, "twice", config=config) for _ in range(2))
+    outs = [process.communicate(timeout=600)[0] for process in (first, second)]
+    codes = sorted(process.returncode for process in (first, second))
+    assert codes == [0, 2], outs
+    refused = outs[[first.returncode, second.returncode].index(2)]
+    errors = [line for line in refused.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is being run by another driver" in errors[0], refused[-2000:]
+    assert "Traceback" not in refused
+    trials = sorted((tmp_path / "studies" / "twice").glob("trial_*"))
+    assert len(trials) == 1  # one trial: nobody ran the study twice
 
 
 def tune_recorded_metrics(study: Path) -> dict:

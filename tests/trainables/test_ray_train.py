@@ -7,6 +7,8 @@ every run has its own name, since a reused name resumes."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -288,3 +290,44 @@ def test_bad_configuration_fails_before_any_worker_starts(local_ray, digits_root
         fit(digits_config(digits_root, **change), resources, storage_path=tmp_path, name=unique_name("bad"))
     assert time.monotonic() - started < 10
     assert list(tmp_path.iterdir()) == []  # no run was started
+
+
+def run_cli(*argv, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainables.run", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_diverging_run_ends_with_one_line_and_exit_2_without_retries(local_ray, digits_root, tmp_path):
+    # While this module's own Ray instance runs: the CLI starts its own instead of failing to
+    # choose between them (Ray's own placement-group cleaner may still log that it cannot).
+    done = run_cli("--dataset", "digits", "--split", "digits_LT_10.1@50-100", "--data-root", digits_root,
+                   "--lr", "1e6", "--cap", "--cai", "--cadr", "--steps", "40", "--eval-every", "20",
+                   "--batch-size", "16", "--mu", "2", "--storage", tmp_path, "--name", "diverging")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    # CAP's pseudo-inverse is the first to meet the NaN logits: it still reads as divergence.
+    assert len(errors) == 1 and errors[0].startswith("error: training diverged: the logits became NaN or infinite")
+    assert "[FailurePolicy] RETRY" not in done.stderr + done.stdout  # divergence recurs: not retried
+
+
+def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(local_ray, digits_root, tmp_path):
+    run_dir = tmp_path / "refused"
+    result = fit(digits_config(digits_root, steps=20, eval_every=20), Resources(num_workers=1),
+                 storage_path=tmp_path, name="refused", tensorboard=False)
+    checkpoint = Path(result.checkpoint.path) / CHECKPOINT_FILE
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'owned'}",))
+
+    torch.save({"step": RunsCode()}, checkpoint)  # what an attacker with write access could plant
+    done = run_cli("--dataset", "digits", "--split", "digits_LT_10.1@50-100", "--data-root", digits_root,
+                   "--steps", "40", "--eval-every", "20", "--batch-size", "16", "--mu", "2", "--cap", "--cai", "--cadr",
+                   "--storage", tmp_path, "--name", "refused")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: checkpoint {checkpoint} holds something other than tensors and plain data"), errors
+    assert "weights_only=False" not in done.stderr  # torch's advice to load it anyway never reaches the user
+    assert not (tmp_path / "owned").exists()
+    assert run_dir.is_dir()

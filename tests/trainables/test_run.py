@@ -33,3 +33,15 @@ def test_cli_reports_a_split_of_another_dataset_as_one_error_line(tmp_path):
         "error: split 'mnist5k_LT_10.1@50' is for dataset 'mnist5k', not 'digits'"], done.stderr
     assert lines[-1].startswith("error:") and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_storage_under_a_file_is_one_error_line_before_ray_starts(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    prepare("digits", tmp_path / "data")
+    capsys.readouterr()  # the conversion's progress bar
+    code = main(["--data-root", str(tmp_path / "data"), "--split", "digits_LT_10.1@50",
+                 "--storage", str(blocker / "sub")])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"error: storage {blocker / 'sub'} is not writable (Not a directory); "
+                              "pass another --storage\n")
