@@ -142,7 +142,7 @@ def ray_datasets(dataset, split, data_root=None, *, verify=True) -> dict:
     task = {"num_cpus": DATA_TASK_CPUS}
 
     def read(files):
-        return ray.data.read_parquet(files, ray_remote_args=task)
+        return ray.data.read_parquet(files, **task)
 
     def select(indices, positions=False):
         rows = read(pool_files).map_batches(_SelectRows(indices, pool_size, positions), batch_format="pyarrow", **task)

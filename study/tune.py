@@ -302,10 +302,10 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     # In-trial runs restart from the trial's last checkpoint; TorchTrainer runs restart inside Train.
     failures = tune.FailureConfig(max_failures=MAX_FAILURES if config.resources.in_trial() else 0)
     storage, name = split_uri(study_dir)
-    # Tune keeps every checkpoint (num_to_keep=None): KeepResumableCheckpoints deletes the old ones.
     # Tune's own loggers but its TensorBoard one (see `logger_callbacks`).
     loggers = [CSVLoggerCallback(), JsonLoggerCallback(), StudyTensorBoard()]
     # verbose=0: the trials' own progress lines are the study's console, not Tune's tables too.
+    # Tune keeps every checkpoint (num_to_keep=None): KeepResumableCheckpoints deletes the old ones.
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures, verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                                 callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP), *loggers])

@@ -78,15 +78,17 @@ def format_table(report: Report) -> str:
 
 
 def format_groups(report: Report) -> str:
-    """The over-seeds table: per configuration, the mean of the study's metric and the test
-    measures as mean ± std over seeds (%)."""
+    """The over-seeds table: per configuration, the mean of the study's metric (unless it is one
+    of the test measures shown anyway) and the test measures as mean ± std over seeds (%)."""
     tail_classes = sorted({c for group in report.groups for c in group.tail_class_accuracy})
-    header = ["group", "method", "seeds", f"{_short(report.metric)} (mean)",
+    own_column = report.metric not in {f"test_{m}_median_10" for m in MEASURES}
+    header = ["group", "method", "seeds", *([f"{_short(report.metric)} (mean)"] if own_column else []),
               *(f"{_short(f'test_{m}_median_10')} (mean ± std)" for m in MEASURES),
               f"test tail-{TAIL_CLASSES} class acc (mean)", *(f"class {c} acc" for c in tail_classes)]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     for group in report.groups:
-        lines.append(_md_row([group.name, group.method, ", ".join(map(_cell, group.seeds)), _percent(group.score),
+        score = [_percent(group.score)] if own_column else []
+        lines.append(_md_row([group.name, group.method, ", ".join(map(_cell, group.seeds)), *score,
                               *(_mean_std(*group.test[m]) for m in MEASURES),
                               _percent(group.tail_accuracy_mean),
                               *(_percent(group.tail_class_accuracy.get(c)) for c in tail_classes)]))
@@ -115,8 +117,8 @@ def format_markdown(report: Report) -> str:
         lines.append(f"- Dataset: {_dataset(study)}")
         swept = f" (swept: {', '.join(report.swept)})" if report.swept else ""
         lines.append(f"- Search space: {_cell(config.get('space', '?'))}{swept}")
-    lines.append(f"- Ranked by: {report.metric} ({direction} is better), the metric the search optimised "
-                 "and the scheduler pruned on; accuracy, GM and balanced accuracy in %")
+    lines.append(f"- Ranked by: {report.metric} ({direction} is better), the number the study's search and "
+                 "scheduler use too; accuracy, GM and balanced accuracy in %")
     lines.append(f"- Trials: {len(report.trials)}: {counts}")
     best = report.best
     if best is None:

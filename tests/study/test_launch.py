@@ -398,8 +398,8 @@ def _terminated_in_experiment_state(study: Path) -> list[str]:
 
 @pytest.mark.ray
 def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
-    config = _config(tmp_path, search__num_samples=2, search__max_concurrent=1,
-                     train={**TINY["train"], "steps": 60, "eval_every": 10})
+    config = _config(tmp_path, search__num_samples=2, search__max_concurrent=1, scheduler={"name": "none"},
+                     train={**TINY["train"], "steps": 60, "eval_every": 10})  # every trial runs its 60 steps
     log = open(tmp_path / "first-launch.log", "w")  # noqa: SIM115 (closed after the kill, below)
     process = _launch(tmp_path, "killed", config=config, log=log)
     study = tmp_path / "studies" / "killed"
