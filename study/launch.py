@@ -12,6 +12,7 @@ the CAI thresholds with CADR, plus the FixMatch baseline and CADR at the paper's
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -27,7 +28,7 @@ from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
 from study.claim import DriverClaim
 from study.config import StudyError, default_name, load, planned_trials, select_metric, validate
-from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, write_bytes
+from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, storage_problem, write_bytes
 from trainables.errors import TrainConfigError
 
 USER_ERRORS = (StudyError, DataPrepError, TrainConfigError, SpaceError)
@@ -128,6 +129,17 @@ def print_plan(config, space, study_dir) -> None:
           f"searches, prunes and ranks on {config.metric} ({config.mode})")
 
 
+class OneLineLogs(logging.Filter):
+    """Ray's driver-side log records as one line each: a failed trial's traceback is in its
+    error.txt and the report, a failed sync's in Ray's logs; the console names the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage().strip()
+        record.msg, record.args = (message.splitlines()[0] if message else ""), ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 def check_local_resources(config, cluster: dict) -> None:
     """A trial that needs more GPUs than this machine has would wait forever: refuse it."""
     res = config.resources
@@ -196,6 +208,8 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     # instance it happens to find on the machine.
     ray.init(address=config.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray").handlers:
+        handler.addFilter(OneLineLogs())
     cluster = ray.cluster_resources()
     cluster_cpus = cluster.get("CPU", 1)
     if local_ray:  # a Ray started here cannot grow; a cluster's autoscaler may add GPU nodes
@@ -208,7 +222,14 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     tuner = restore_tuner(config, study_dir, cluster_cpus) if args.resume else \
         build_tuner(config, space, study_dir, cluster_cpus)
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception:
+        problem = storage_problem(study_dir)
+        if problem is None:
+            raise  # a bug: its traceback is the report
+        raise StudyError(f"the storage of study {study_dir} failed mid-study ({problem}): fix it or free space, "
+                         "then continue with --resume (finished trials are kept)") from None
     ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
     with local_study(study_dir) as local:
         report = write_report(local)

@@ -7,6 +7,7 @@ reports of a URI study are built on a local mirror of its small files (no checkp
 finished report files are uploaded.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -97,6 +98,20 @@ def write_bytes(location: str, data: bytes) -> None:
         fs.move(tmp, path)
     except ERRORS as exc:
         raise StudyError(f"cannot write {location}: {exc}") from None
+
+
+def storage_problem(location: str, probe_bytes: int = 1 << 16) -> str | None:
+    """Why the storage at `location` cannot take a small write now (full, read-only, gone), or
+    None if it can: the probe file is written, then removed."""
+    probe = join(location, f".probe-{os.getpid()}")
+    try:
+        write_bytes(probe, b"\0" * probe_bytes)
+    except StudyError as exc:
+        return str(exc).rsplit(": ", 1)[-1]
+    fs, path = filesystem(probe)
+    with contextlib.suppress(*ERRORS):
+        fs.delete_file(path)
+    return None
 
 
 def newest_study(storage: str) -> str | None:

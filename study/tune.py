@@ -13,6 +13,7 @@ Fixed points (e.g. the FixMatch baseline) run first and are kept out of Optuna's
 
 import json
 import math
+import pickle
 import posixpath
 
 import pyarrow.fs as pafs
@@ -24,7 +25,7 @@ from data_prep.parquet import open_dataset
 from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, planned_trials, split_spec, trial_overrides
-from study.storage import ERRORS, join, split_uri
+from study.storage import ERRORS, filesystem, join, split_uri
 from study.tensorboard import StudyTensorBoard
 from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit, quiet_ray_logs
@@ -316,8 +317,41 @@ def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float):
     """The interrupted study's Tuner: finished trials are kept, unfinished and errored ones rerun."""
     if not tune.Tuner.can_restore(study_dir):
         raise StudyError(f"nothing to resume at {study_dir} (no Tune experiment state there)")
-    return tune.Tuner.restore(study_dir, trainable=_trainable(config, study_dir, cluster_cpus),
-                              resume_unfinished=True, resume_errored=True)
+    damaged = damaged_state(study_dir)
+    if damaged:
+        raise StudyError(f"cannot resume {study_dir}: {damaged} is damaged (empty or cut short, as a storage failure "
+                         "leaves it); `python -m study.report` still lists every trial; run the study again under "
+                         "another --name")
+    try:
+        return tune.Tuner.restore(study_dir, trainable=_trainable(config, study_dir, cluster_cpus),
+                                  resume_unfinished=True, resume_errored=True)
+    except (*ERRORS, EOFError, KeyError, pickle.UnpicklingError) as exc:
+        # Never restarted from scratch behind the user's back: the finished trials stay on disk.
+        raise StudyError(f"cannot resume {study_dir}: its Tune state is damaged ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); `python -m study.report` still lists its trials; run "
+                         "the study again under another --name") from None
+
+
+def damaged_state(study_dir: str) -> str | None:
+    """The first of Tune's files a resume reads that is empty or not whole (the newest experiment
+    state must parse as JSON), or None. Nothing is unpickled to check."""
+    fs, path = filesystem(study_dir)
+    try:
+        files = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(path))}
+    except ERRORS:
+        return study_dir
+    states = sorted(name for name in files if name.startswith("experiment_state-") and name.endswith(".json"))
+    searchers = sorted(name for name in files if name.startswith("searcher-state-"))
+    for name in ["tuner.pkl", *states[-1:], *searchers[-1:]]:
+        if name in files and not files[name].size:
+            return join(study_dir, name)
+    if states:
+        try:
+            with fs.open_input_stream(posixpath.join(path, states[-1])) as f:
+                json.loads(f.readall())
+        except (*ERRORS, UnicodeDecodeError):
+            return join(study_dir, states[-1])
+    return None
 
 
 def _trainable(config: StudyConfig, study_dir: str, cluster_cpus: float):

@@ -149,7 +149,7 @@ def format_markdown(report: Report) -> str:
         group_sentence = compare_groups(report.groups[0], baseline_group) if baseline_group else None
         if group_sentence:
             lines += ["", f"**{group_sentence}**"]
-    failed = [t for t in report.trials if t.status == "ERROR"]
+    failed = [t for t in report.trials if t.status in ("ERROR", "LOST")]
     if failed:
         lines += ["", "## Failed trials", ""]
         lines += [f"- {t.trial_id}: {t.error or 'no error message'}"

@@ -17,7 +17,7 @@ from trainables.loop import FATAL_ERROR
 from trainables.methods import METHODS
 
 FLAGS = ("cap", "cai", "cadr")  # FixMatch's corrections, a column each in report.csv
-STATUSES = ("TERMINATED", "RUNNING", "PENDING", "PAUSED", "ERROR")
+STATUSES = ("TERMINATED", "RUNNING", "PENDING", "PAUSED", "ERROR", "LOST")
 GENERIC_LABELS = ("", "search", "grid", "fixed")  # how a trial came to be, not what it trained
 
 @dataclass
@@ -104,7 +104,9 @@ def load_trials(study_dir) -> list[TrialRecord]:
 
     Statuses come from Tune's newest experiment_state-*.json; a trial it does not list yet is
     ERROR if it left an error file, TERMINATED if its last result is final, RUNNING if it has
-    results and PENDING if not. Trials Tune lists but has not started have no directory."""
+    results and PENDING if not. Trials Tune lists but has not started have no directory. A trial
+    that ran (it has checkpoints) but whose result or parameter file is empty or unreadable, as a
+    failed storage leaves them, is listed as LOST: never dropped silently."""
     study_dir = Path(study_dir)
     states = _experiment_state(study_dir)
     by_dir = {state.get("relative_logdir"): state for state in states if state.get("relative_logdir")}
@@ -112,10 +114,17 @@ def load_trials(study_dir) -> list[TrialRecord]:
     trials, seen = [], set()
     for path in sorted(p for p in _subdirs(study_dir) if (p / "params.json").is_file()):
         params = _read_json(path / "params.json")
-        if params is None:  # being written
-            continue
         results = _read_results(path / "result.json")
+        ran = any(path.glob("checkpoint_*"))
+        if params is None and not ran:  # being written
+            continue
         error = _error_line(path)
+        if ran and (params is None or not results):
+            trials.append(TrialRecord(_trial_id(path.name, results), _flat_params(params or {}), "LOST", results,
+                                      path, "its results were lost (an empty or damaged result or parameter file: "
+                                      "a storage failure?); its checkpoints remain"))
+            seen.add(trials[-1].trial_id)
+            continue
         state = by_dir.get(path.name)
         trial_id = (state or {}).get("trial_id") or _trial_id(path.name, results)
         status = state["status"] if state and state.get("status") else _inferred_status(results, error, planned_steps)
@@ -152,7 +161,9 @@ def _trial_id(dir_name: str, results: list[dict]) -> str:
         if result.get("trial_id"):
             return str(result["trial_id"])
     match = re.search(r"(?:^|_)([0-9a-f]{5,}_\d{5})(?:_|$)", dir_name)  # Tune's <trainable>_<id>_<tag>
-    return match.group(1) if match else dir_name
+    if match:
+        return match.group(1)
+    return dir_name.removeprefix("trial_")  # the launcher names trial directories trial_<id>
 
 
 def _experiment_state(study_dir: Path) -> list[dict]:

@@ -424,6 +424,20 @@ def test_cli_refuses_a_directory_that_is_not_a_study_with_one_line_and_exit_2(tm
     assert not (tmp_path / "report.md").exists()
 
 
+def test_a_trial_whose_result_files_a_storage_failure_emptied_is_listed_as_lost(study_copy):
+    trial_dirs = {key_of(json.loads(p.read_text())): p.parent for p in study_copy.glob("*/params.json")}
+    lost = trial_dirs[("cadr", 1)]
+    (lost / "result.json").write_text("")  # what a full disk leaves
+    (lost / "params.json").write_text("")
+    (lost / "checkpoint_000001").mkdir()  # it ran
+    report = write_report(study_copy)
+    lost_rows = [row for row in read_csv(study_copy) if row["status"] == "LOST"]
+    assert len(lost_rows) == 1 and lost_rows[0]["error"].startswith("its results were lost")
+    assert len(report.trials) == len(EXPECTED_ORDER)  # never dropped
+    assert ("- Trials: 6: 4 TERMINATED (1 of them stopped early, before the planned steps), 1 ERROR, 1 LOST"
+            in (study_copy / "report.md").read_text())
+
+
 def test_a_malformed_study_json_is_a_study_error(study_copy):
     (study_copy / "study.json").write_text("{not json")
     with pytest.raises(StudyError, match="study.json is not a valid study file"):

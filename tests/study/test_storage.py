@@ -38,3 +38,13 @@ def test_files_go_through_the_uri_filesystem_whole(tmp_path):
 def test_an_unknown_scheme_is_a_study_error():
     with pytest.raises(StudyError, match="storage nosuch://x cannot be opened"):
         exists("nosuch://x")
+
+
+def test_a_storage_that_cannot_take_a_write_says_why(tmp_path):
+    from study.storage import storage_problem
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert storage_problem(str(tmp_path)) is None
+    assert list(tmp_path.iterdir()) == [blocker]  # the probe is gone
+    assert storage_problem(str(blocker / "study")) == "Not a directory"

@@ -27,3 +27,18 @@ def test_torch_trainer_trials_leave_one_cpu_for_ray_data_and_the_trial_driver():
 
 def test_an_explicit_worker_cpu_count_wins():
     assert trial_resources(_study(cpus_per_worker=0.25), 2)["cpus_per_worker"] == 0.25
+
+
+def test_a_resume_refuses_tune_state_that_a_storage_failure_left_empty_or_cut_short(tmp_path):
+    import json
+
+    from study.tune import damaged_state
+
+    (tmp_path / "tuner.pkl").write_bytes(b"pickled")
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": []}))
+    (tmp_path / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"pickled")
+    assert damaged_state(str(tmp_path)) is None
+    (tmp_path / "experiment_state-2026-01-02_00-00-00.json").write_text('{"trial_data": [["{\\"trial')  # cut short
+    assert damaged_state(str(tmp_path)) == str(tmp_path / "experiment_state-2026-01-02_00-00-00.json")
+    (tmp_path / "tuner.pkl").write_bytes(b"")
+    assert damaged_state(f"file://{tmp_path}") == f"file://{tmp_path}/tuner.pkl"
