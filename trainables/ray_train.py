@@ -71,10 +71,16 @@ def _materialize(shard, image_shape, columns=("image", "label")) -> dict:
 
 def quiet_ray_logs() -> None:
     """In a worker: keep Ray Train's, Tune's and Ray Data's routine INFO lines ("Reporting training
-    result ...", "Checkpoint successfully created ...") out of the console; warnings still show.
-    The loop's own progress line is what a user follows."""
+    result ...", "Checkpoint successfully created ...") off the console, and print() lines from
+    appearing twice (Ray Train also sends them through the root logger's console handler); the
+    loop's own progress line is what a user follows. Warnings, and Ray's log files, keep all."""
     for name in ("ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    console = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    for name in ("ray.train", ""):
+        for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "stream", None) in console:  # not Ray's log files
+                handler.setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(loop_config: dict) -> str | None:
