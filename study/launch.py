@@ -206,7 +206,8 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     local_ray = config.address is None and not os.environ.get("RAY_ADDRESS")
     # Without --address or RAY_ADDRESS this starts a new local Ray: it never attaches to another
     # instance it happens to find on the machine.
-    ray.init(address=config.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    # The dashboard listens on 127.0.0.1 only; Ray Train's clean-up of its workers queries it.
+    ray.init(address=config.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(OneLineLogs())

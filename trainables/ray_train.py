@@ -167,7 +167,8 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
     storage_path = prepare_storage(str(storage_path))
     if not ray.is_initialized():  # a new local Ray unless --address or RAY_ADDRESS names a cluster
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        # The dashboard listens on 127.0.0.1 only; Ray Train's clean-up of its workers queries it.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
     if check_resources:
