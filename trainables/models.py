@@ -178,6 +178,7 @@ def cnn_small(num_classes: int, in_channels: int = 3, image_size: int = 8,
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn28_2": _wide_resnet(2),
+    "wrn28_4": _wide_resnet(4),  # the original's --filters=64 (mini-ImageNet)
     "wrn28_8": _wide_resnet(8),
     "resnet18": resnet18,
     "cnn_small": cnn_small,

@@ -13,6 +13,7 @@ from trainables.models import MODELS, create_model, list_models, weight_decay_pa
 # The input sizes each model is meant for.
 MODEL_SIZES = {
     "wrn28_2": (32, 96),
+    "wrn28_4": (32, 84),
     "wrn28_8": (32,),
     "resnet18": (32,),
     "cnn_small": (8, 28),
@@ -63,6 +64,29 @@ def test_wrn28_2_parameter_count_is_fixmatch_ports():
     count = _count_parameters(create_model("wrn28_2", num_classes=10))
     assert count == 1_467_610
     assert abs(count - FIXMATCH_PORT_WRN28_2_PARAMETERS) <= 0.01 * FIXMATCH_PORT_WRN28_2_PARAMETERS
+
+
+def wide_resnet_parameters(k: int, num_classes: int, in_channels: int = 3, stages: int = 3) -> int:
+    """WRN-28-k counted from its architecture: a 3x3 stem of 16 filters, `stages` stages of 4
+    pre-activation blocks (widths 16k, 32k, 64k, ...), each two 3x3 convolutions with a batch-norm
+    before each and a 1x1 shortcut where the width changes, a final batch-norm and a linear layer.
+    Convolutions have no bias; a batch-norm has 2 parameters per channel."""
+    total, width = 9 * in_channels * 16, 16
+    for stage in range(stages):
+        out = 16 * k * 2 ** stage
+        for block in range(4):
+            inp = width if block == 0 else out
+            total += 2 * inp + 9 * inp * out + 2 * out + 9 * out * out + (inp * out if inp != out else 0)
+        width = out
+    return total + 2 * width + width * num_classes + num_classes
+
+
+def test_wide_resnet_parameter_counts_follow_the_architecture():
+    assert wide_resnet_parameters(2, 10) == FIXMATCH_PORT_WRN28_2_PARAMETERS  # the formula is right
+    # WRN-28-4: the original's --filters=64, for mini-ImageNet's 100 classes at 84 px (a 4th stage).
+    assert _count_parameters(create_model("wrn28_4", num_classes=100)) == wide_resnet_parameters(4, 100)
+    assert _count_parameters(create_model("wrn28_4", num_classes=100, image_size=84)) == \
+        wide_resnet_parameters(4, 100, stages=4)
 
 
 def test_wrn28_8_for_cifar100_has_about_23_4m_parameters():
