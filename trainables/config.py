@@ -14,6 +14,8 @@ from trainables.errors import TrainConfigError
 from trainables.methods import get_method, option_names
 from trainables.models import MODELS
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 def _check(condition, name, value, allowed):
     if not condition:
@@ -48,6 +50,7 @@ class TrainConfig:
     flip: bool | None = None  # None: off for single-channel data (digits), on otherwise
     channels_last: bool = True
     compile: bool = False
+    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast of the model (losses, EMA, optimizer stay fp32)
     # optimisation
     steps: int = 1000
     batch_size: int = 64  # B labeled images per step (global, across workers)
@@ -78,6 +81,7 @@ class TrainConfig:
         _check(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
         _check(self.model in MODELS, "model", self.model, f"one of {sorted(MODELS)}")
         parse_augment(self.augment)
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                "device", self.device, "auto, cpu, cuda or cuda:N")
 
@@ -116,6 +120,8 @@ FIELD_HELP = {
                 + ", ".join(f"{part} ({what})" for part, what in PARTS.items()) + "; a strong d means cta"),
     "channels_last": "channels-last memory format (faster convolutions on most hardware)",
     "compile": "torch.compile the model",
+    "precision": "fp32, or bf16 / fp16 autocast of the model's forward (fp16 with a gradient scaler); losses, "
+                 "class priors, EMA weights, optimizer state and checkpoints stay fp32",
     "steps": "training steps",
     "batch_size": "B labeled images per step, global: split across the workers",
     "mu": "unlabeled images per labeled image (mu*B per step)",

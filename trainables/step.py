@@ -73,6 +73,7 @@ class TrainState:
     method: Method  # the method's losses and its own state (FixMatch: p_ema)
     generator: torch.Generator  # augmentation and batch sampling randomness
     augment: Augmenter  # the three branches' augmentations (and CTAugment's learned bins, if used)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
     step: int = 0
     tracker: MetricTracker = field(default_factory=MetricTracker)
 
@@ -91,6 +92,7 @@ class TrainState:
             "method_state": self.method.state_dict(),
             "generator": self.generator.get_state(),
             "augment": self.augment.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "step": self.step,
             "tracker": self.tracker.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -107,6 +109,8 @@ class TrainState:
         self.method.load_state_dict(state["method_state"])
         self.generator.set_state(state["generator"])
         self.augment.load_state_dict(state["augment"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.tracker.load_state_dict(state["tracker"])
         torch.set_rng_state(state["torch_rng"])
@@ -132,8 +136,16 @@ def build_state(config: TrainConfig, num_classes: int, image_shape, device, *, n
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: cosine_lr_factor(k, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
+    scaler = torch.amp.GradScaler(torch.device(device).type) if config.precision == "fp16" else None
     return TrainState(model=model, ema_model=ema_model, optimizer=optimizer, scheduler=scheduler, method=method,
-                      generator=generator, augment=augment)
+                      generator=generator, augment=augment, scaler=scaler)
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The model's forward in the config's precision: torch.autocast to bf16 or fp16 on the
+    device, or nothing for fp32 (the parameters themselves always stay fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def use_flip(config: TrainConfig, image_shape) -> bool:
@@ -161,7 +173,9 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
     batch = torch.cat([labeled_view, weak_unlabeled, strong_unlabeled])
     if config.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    logits = forward(normalize(batch))
+    with autocast(config, batch.device):
+        logits = forward(normalize(batch))
+    logits = logits.float()  # the method's losses and state stay fp32 whatever the model computes in
     n_labeled, n_unlabeled = len(labeled), len(unlabeled)
     logits_x, logits_weak, logits_strong = logits.split([n_labeled, n_unlabeled, n_unlabeled])
 
@@ -172,15 +186,20 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
         raise TrainingDiverged(f"the logits became NaN or infinite at step {state.step + 1}; "
                                "lower lr or check the data") from None
     state.optimizer.zero_grad(set_to_none=True)
-    out.total.backward()
     lr = state.optimizer.param_groups[0]["lr"]
-    state.optimizer.step()
+    if state.scaler is None:
+        out.total.backward()
+        state.optimizer.step()
+    else:  # fp16: scale the loss so small gradients survive, skip steps whose gradients overflowed
+        state.scaler.scale(out.total).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
     state.scheduler.step()
     ema_update(state.ema_model, state.raw_model, ema_decay_at(state.step, config.ema_decay))
     state.step += 1
 
     if augment.uses_probes:
-        _update_ctaugment(state, labeled_view, labels, forward)
+        _update_ctaugment(state, config, labeled_view, labels, forward)
     total = out.total.detach()
     return {
         "loss/total": total, "loss/labeled": out.labeled.detach(), "loss/unlabeled": out.unlabeled.detach(),
@@ -192,7 +211,7 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
 
 
 @torch.no_grad()
-def _update_ctaugment(state: TrainState, labeled_view, labels, forward) -> None:
+def _update_ctaugment(state: TrainState, config: TrainConfig, labeled_view, labels, forward) -> None:
     """CTAugment learns which magnitudes keep labeled images recognisable: probe the labeled
     branch's images and update. Every worker updates from all workers' probes (in rank order), so
     the augmentation state stays the same on every worker, as one process given the whole batch
@@ -200,7 +219,9 @@ def _update_ctaugment(state: TrainState, labeled_view, labels, forward) -> None:
     probe, policy = state.augment.probe(labeled_view, generator=state.generator)
     model = state.raw_model
     model.eval()
-    probs = F.softmax(forward(normalize(probe)), dim=1)
+    with autocast(config, probe.device):
+        logits = forward(normalize(probe))
+    probs = F.softmax(logits.float(), dim=1)
     model.train()
     gather = state.method.collective.gather_rows
     policy = type(policy)(*(gather(part.to(probs.device))[0].cpu() for part in policy))
