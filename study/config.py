@@ -8,14 +8,17 @@
     train: {model: cnn_small, steps: 300, cap: true, cai: true, cadr: true, ...}  # TrainConfig fields
     space: thresholds              # named spaces joined with '+', or a mapping {param: {uniform: [lo, hi]}}
     search: {algorithm: optuna, num_samples: 4, max_concurrent: 2, seed: 0, points_to_evaluate: [...],
-             fixed_points: [{label: fixmatch, cap: false, cai: false, cadr: false}]}
+             fixed_points: [{label: fixmatch, cap: false, cai: false, cadr: false}],
+             storage: "sqlite:///{study}/optuna.db"}   # optional: Optuna's study in a database
     metric: valid_balanced_accuracy_median_10   # what the study searches, prunes and ranks on
     mode: max                      # (default: this metric with a validation set, else its test_ twin)
     scheduler: {name: asha, grace_period: 2}
-    resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2, trainer: auto}
+    resources: {num_workers: 1, use_gpu: false, cpus_per_worker: null, trial_cpus: 0.2, trainer: auto,
+                gpus_per_worker: null}   # 0.25: four one-worker trials share a GPU
 """
 
 import itertools
+import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +67,9 @@ class SearchConfig:
     seed: int = 0
     points_to_evaluate: list = field(default_factory=list)  # in-space points tried first (with an optional label)
     fixed_points: list = field(default_factory=list)  # whole configurations run as-is (baselines)
+    # Where Optuna keeps its study (sqlite:///{study}/optuna.db, postgresql://..., mysql://...):
+    # optuna-dashboard can watch the search, and the Optuna study outlives the driver.
+    storage: str | None = None
 
 
 @dataclass
@@ -76,6 +82,9 @@ class SchedulerConfig:
 class ResourceConfig:
     num_workers: int = 1
     use_gpu: bool = False
+    # Each GPU worker's share of a GPU: 1 (the default with use_gpu), or 1/n to pack n one-worker
+    # trials on a GPU (0.25: four at once). Setting it implies use_gpu.
+    gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
     trial_cpus: float = 0.2  # the Tune trial that drives a TorchTrainer
     # How a trial trains: "torch_trainer" (a Ray Train TorchTrainer inside the trial), "in_trial"
@@ -85,6 +94,12 @@ class ResourceConfig:
 
     def in_trial(self) -> bool:
         return self.trainer == "in_trial" or (self.trainer == "auto" and self.num_workers == 1)
+
+    def gpus(self) -> float:
+        """The GPUs each worker reserves (0 on CPU)."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1.0 if self.use_gpu else 0.0
 
 
 @dataclass
@@ -305,6 +320,8 @@ def validate(config: StudyConfig) -> dict:
         if params != set(space):
             raise StudyError(f"points_to_evaluate entries must set exactly the space's parameters "
                              f"({', '.join(sorted(space))}) and may have a label; got {', '.join(sorted(point))}")
+    if search.storage is not None:
+        _check_optuna_storage(search, config.storage)
     if search.num_samples < 1 or search.max_concurrent < 1:
         raise StudyError("search.num_samples and search.max_concurrent must be >= 1")
     if search.algorithm == "grid" and search.num_samples > 1:
@@ -319,9 +336,54 @@ def validate(config: StudyConfig) -> dict:
         raise StudyError(f"unknown resources.trainer {config.resources.trainer!r}; choose from {', '.join(TRAINERS)}")
     if config.resources.trainer == "in_trial" and config.resources.num_workers != 1:
         raise StudyError("resources.trainer in_trial runs one worker; use torch_trainer (or auto) for num_workers > 1")
+    _check_gpu_share(config.resources)
     if config.resources.trial_cpus <= 0:
         raise StudyError("resources.trial_cpus must be > 0 (the trial that drives the trainer needs a reservation)")
     return space
+
+
+def _check_gpu_share(res: ResourceConfig) -> None:
+    share = res.gpus_per_worker
+    if share is None:
+        return
+    res.use_gpu = True
+    if not 0 < share <= 1:
+        raise StudyError(f"resources.gpus_per_worker must be in (0, 1], got {share}: a worker trains on one GPU "
+                         "(more GPUs per trial: more num_workers)")
+    if abs(1 / share - round(1 / share)) > 1e-6 * (1 / share):
+        raise StudyError(f"resources.gpus_per_worker must divide a GPU evenly (1, 0.5, 0.25, 0.2, ... 1/n), "
+                         f"got {share}")
+    if share < 1 and res.num_workers > 1:
+        # Ray would place several workers of one trial on the same GPU, and their NCCL process
+        # group refuses two ranks on one device: pack one-worker trials instead.
+        raise StudyError(f"resources.gpus_per_worker {share} with num_workers {res.num_workers}: the workers of one "
+                         "trial would share a GPU, which NCCL refuses; pack one-worker trials (num_workers: 1), or "
+                         "give each worker a whole GPU")
+
+
+OPTUNA_DATABASES = ("sqlite", "postgresql", "mysql")  # Optuna's RDB storage, as SQLAlchemy URLs
+
+
+def _check_optuna_storage(search: SearchConfig, storage: str) -> None:
+    if search.algorithm == "grid":
+        raise StudyError("search.storage keeps an Optuna study; a grid search has none (remove it, or search with "
+                         "algorithm optuna or random)")
+    database = str(search.storage).split("://", 1)[0].split("+", 1)[0]
+    if "://" not in str(search.storage) or database not in OPTUNA_DATABASES:
+        raise StudyError(f"search.storage must be a database URL Optuna can use ({', '.join(OPTUNA_DATABASES)}), "
+                         f"e.g. sqlite:///{{study}}/optuna.db; got {search.storage!r}")
+    if "{study}" in search.storage and "://" in storage.removeprefix("file://"):
+        raise StudyError(f"search.storage {search.storage} puts a database file in the study directory, but studies "
+                         f"live at {storage}; give the database a local path or a server URL instead")
+
+
+def optuna_storage(config: StudyConfig, study_dir: str) -> str | None:
+    """The study's Optuna storage URL, `{study}` replaced by the (local) study directory, or None
+    when the search keeps its Optuna study in memory."""
+    url = config.search.storage
+    if url is None or "{study}" not in url:
+        return url
+    return url.replace("{study}", os.path.abspath(study_dir.removeprefix("file://")))
 
 
 def select_metric(config: StudyConfig, has_validation: bool) -> str | None:

@@ -27,7 +27,7 @@ from data_prep.parquet import default_data_root, verify_dataset
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
 from study.claim import DriverClaim
-from study.config import StudyError, default_name, load, planned_trials, select_metric, validate
+from study.config import StudyError, default_name, load, optuna_storage, planned_trials, select_metric, validate
 from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, storage_problem, write_bytes
 from trainables.errors import TrainConfigError
 
@@ -127,6 +127,9 @@ def print_plan(config, space, study_dir) -> None:
         print(f"  search {name}: {dist.describe()}")
     print(f"at most {config.search.max_concurrent} at once, scheduler {config.scheduler.name}; "
           f"searches, prunes and ranks on {config.metric} ({config.mode})")
+    database = optuna_storage(config, study_dir)
+    if database:
+        print(f"Optuna study {config.name} in {database} (watch it: optuna-dashboard {database})")
 
 
 class OneLineLogs(logging.Filter):
@@ -143,8 +146,9 @@ class OneLineLogs(logging.Filter):
 def check_local_resources(config, cluster: dict) -> None:
     """A trial that needs more GPUs than this machine has would wait forever: refuse it."""
     res = config.resources
-    if res.use_gpu and cluster.get("GPU", 0) < res.num_workers:
-        raise StudyError(f"use_gpu with num_workers={res.num_workers} needs {res.num_workers} GPU(s) per trial; "
+    needed = res.gpus() * res.num_workers
+    if needed and cluster.get("GPU", 0) < needed:
+        raise StudyError(f"use_gpu with num_workers={res.num_workers} needs {needed:g} GPU(s) per trial; "
                          f"this machine has {cluster.get('GPU', 0):g}")
 
 

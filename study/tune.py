@@ -24,7 +24,7 @@ from ray.tune.search import Searcher
 from data_prep.parquet import open_dataset
 from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
-from study.config import StudyConfig, StudyError, planned_trials, split_spec, trial_overrides
+from study.config import StudyConfig, StudyError, optuna_storage, planned_trials, split_spec, trial_overrides
 from study.storage import ERRORS, filesystem, join, split_uri
 from study.tensorboard import StudyTensorBoard
 from trainables.config import TrainConfig
@@ -244,15 +244,18 @@ def trial_resources(config: StudyConfig, cluster_cpus: float) -> dict:
     res = config.resources
     if res.in_trial() and res.cpus_per_worker is None:
         cpus = min(1.0, max(cluster_cpus / config.search.max_concurrent, 0.05))
-        return {"num_workers": 1, "use_gpu": res.use_gpu, "cpus_per_worker": round(cpus, 3)}
+        return {"num_workers": 1, "use_gpu": res.use_gpu, "gpus_per_worker": res.gpus(),
+                "cpus_per_worker": round(cpus, 3)}
     if res.cpus_per_worker is not None:
-        return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "cpus_per_worker": res.cpus_per_worker}
-    per_trial = max(cluster_cpus - 1, 0.5) / config.search.max_concurrent - res.trial_cpus
-    cpus = min(1.0, max(per_trial / res.num_workers, 0.05))
-    return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "cpus_per_worker": round(cpus, 3)}
+        cpus = res.cpus_per_worker
+    else:
+        per_trial = max(cluster_cpus - 1, 0.5) / config.search.max_concurrent - res.trial_cpus
+        cpus = round(min(1.0, max(per_trial / res.num_workers, 0.05)), 3)
+    return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "gpus_per_worker": res.gpus(),
+            "cpus_per_worker": cpus}
 
 
-def build_searcher(config: StudyConfig, space: dict):
+def build_searcher(config: StudyConfig, space: dict, study_dir: str):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -264,10 +267,23 @@ def build_searcher(config: StudyConfig, space: dict):
                else optuna.samplers.RandomSampler(seed=search.seed))
     starts = [{k: v for k, v in point.items() if k != "label"} for point in search.points_to_evaluate]
     optuna_search = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
-                                 points_to_evaluate=starts or None, sampler=sampler)
+                                 points_to_evaluate=starts or None, sampler=sampler,
+                                 storage=_optuna_database(optuna_storage(config, study_dir)), study_name=config.name)
     fixed = [{"label": p.get("label", "fixed"), **p} for p in search.fixed_points]
     start_labels = [point.get("label", "search") for point in search.points_to_evaluate]
     return FixedPointsFirst(optuna_search, fixed, config.metric, config.mode, start_labels), {}
+
+
+def _optuna_database(url: str | None):
+    import optuna
+    import sqlalchemy.exc
+
+    if url is None:
+        return None
+    try:
+        return optuna.storages.RDBStorage(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StudyError(f"search.storage {url}: Optuna cannot open it ({' '.join(str(exc).split())[:200]})") from None
 
 
 def build_scheduler(config: StudyConfig):
@@ -291,7 +307,7 @@ def trial_dirname(trial) -> str:
 
 def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: float):
     """A Tuner for the study (new), ready to fit."""
-    searcher, param_space = build_searcher(config, space)
+    searcher, param_space = build_searcher(config, space, study_dir)
     trainable = _trainable(config, study_dir, cluster_cpus)
     num_samples = 1 if searcher is None else planned_trials(config, space)  # a grid's repeats are in its seeds
     tune_config = tune.TuneConfig(
@@ -363,9 +379,14 @@ def _trainable(config: StudyConfig, study_dir: str, cluster_cpus: float):
         "train_runs": join(study_dir, "train_runs"),
         "max_failures": MAX_FAILURES,
     }
-    if study["in_trial"]:
-        reservation = {"CPU": resources["cpus_per_worker"], "GPU": 1 if resources["use_gpu"] else 0}
-    else:
-        reservation = {"CPU": config.resources.trial_cpus}
-    return tune.with_resources(tune.with_parameters(run_trial, study=study), reservation)
+    return tune.with_resources(tune.with_parameters(run_trial, study=study), trial_reservation(config, resources))
+
+
+def trial_reservation(config: StudyConfig, resources: dict) -> dict:
+    """What Tune reserves for one trial: the worker itself (in-trial runs; with gpus_per_worker
+    0.25, four such trials share a GPU), or the small driver of a TorchTrainer, whose workers
+    reserve their own resources through the trainer's ScalingConfig."""
+    if config.resources.in_trial():
+        return {"CPU": resources["cpus_per_worker"], "GPU": resources["gpus_per_worker"]}
+    return {"CPU": config.resources.trial_cpus}
 

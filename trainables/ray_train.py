@@ -26,6 +26,7 @@ class Resources:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets one-worker runs share a GPU
 
     def scaling_config(self, cluster_cpus: float):
         from ray.train import ScalingConfig
@@ -33,8 +34,8 @@ class Resources:
         cpus = self.cpus_per_worker
         if cpus is None:
             cpus = min(1.0, max(cluster_cpus - 1, 0.5) / self.num_workers)
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                             resources_per_worker={"CPU": round(cpus, 3)})
+        per_worker = {"CPU": round(cpus, 3), **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=per_worker)
 
 
 def validate(config: TrainConfig, resources: Resources, cluster_cpus: float | None, cluster_gpus: float | None) -> None:
@@ -50,9 +51,9 @@ def validate(config: TrainConfig, resources: Resources, cluster_cpus: float | No
         return
     if workers > cluster_cpus:
         raise TrainConfigError(f"num_workers={workers} exceeds the cluster's {cluster_cpus:g} CPUs")
-    if resources.use_gpu and workers > cluster_gpus:
-        raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers} GPUs; "
-                               f"the cluster has {cluster_gpus:g}")
+    if resources.use_gpu and workers * resources.gpus_per_worker > cluster_gpus:
+        raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers * resources.gpus_per_worker:g} "
+                               f"GPUs; the cluster has {cluster_gpus:g}")
 
 
 def _materialize(shard, image_shape, columns=("image", "label")) -> dict:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import ray
 import torch
@@ -17,7 +18,7 @@ from tensorboard_events import scalars
 
 from search_spaces import SPACES, get_space
 from search_spaces.spaces import is_grid
-from study.config import from_dict, validate
+from study.config import from_dict, load, validate
 from study.launch import main
 
 TINY = {
@@ -61,6 +62,14 @@ def test_every_named_space_passes_the_launch_checks_with_cadr(name):
     validate(config)
 
 
+EXAMPLE_STUDIES = sorted(p for p in Path(__file__).parents[2].glob("examples/*.yaml") if p.name != "cluster.yaml")
+
+
+@pytest.mark.parametrize("path", EXAMPLE_STUDIES, ids=lambda p: p.name)
+def test_every_example_study_passes_the_launch_checks(path):
+    validate(load(str(path), {}))  # (examples/paper/ run for real in test_paper_configs.py)
+
+
 def test_list_spaces_prints_every_space_with_its_ranges(capsys):
     assert main(["--list-spaces"]) == 0
     out = capsys.readouterr().out
@@ -101,6 +110,23 @@ def test_in_trial_with_two_workers_fails_before_ray(tmp_path, capsys):
                       "in_trial runs one worker")
 
 
+@pytest.mark.parametrize("search, storage, message", [
+    ({"storage": "optuna.db"}, None, "search.storage must be a database URL Optuna can use (sqlite, postgresql, "
+                                     "mysql), e.g. sqlite:///{study}/optuna.db; got 'optuna.db'"),
+    ({"storage": "sqlite:///{study}/optuna.db"}, "s3://bucket/studies",
+     "search.storage sqlite:///{study}/optuna.db puts a database file in the study directory, but studies live "
+     "at s3://bucket/studies; give the database a local path or a server URL instead"),
+    ({"storage": "sqlite:///optuna.db", "algorithm": "grid"}, None, "a grid search has none"),
+])
+def test_an_optuna_storage_the_study_cannot_use_fails_before_ray(tmp_path, capsys, search, storage, message):
+    changes = {"search": {**TINY["search"], **search}}
+    if search.get("algorithm") == "grid":
+        changes.update(space="ablation", search={"algorithm": "grid", "storage": search["storage"]})
+    argv = ["--config", _config(tmp_path, **changes), "--name", "s", "--dry-run",
+            "--storage", storage or str(tmp_path / "studies")]
+    _fails_before_ray(capsys, argv, message)
+
+
 def test_unwritable_storage_fails_before_ray(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -109,15 +135,17 @@ def test_unwritable_storage_fails_before_ray(tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_use_gpu_on_a_local_machine_without_one_fails_before_any_trial(tmp_path, capsys):
-    argv = ["--config", _config(tmp_path), "--storage", str(tmp_path / "studies"), "--name", "gpu",
-            "--data-root", str(tmp_path / "data"), "--use-gpu"]
+@pytest.mark.parametrize("resources, extra, needed", [({}, ["--use-gpu"], "1"),
+                                                      ({"gpus_per_worker": 0.25}, [], "0.25")])
+def test_use_gpu_on_a_local_machine_without_one_fails_before_any_trial(tmp_path, capsys, resources, extra, needed):
+    argv = ["--config", _config(tmp_path, resources=resources), "--storage", str(tmp_path / "studies"),
+            "--name", "gpu", "--data-root", str(tmp_path / "data"), *extra]
     try:
         assert main(argv) == 2
     finally:
         ray.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: use_gpu with num_workers=1 needs 1 GPU(s) per trial; this machine has 0"
+    assert err[-1] == f"error: use_gpu with num_workers=1 needs {needed} GPU(s) per trial; this machine has 0"
     assert not list((tmp_path / "studies" / "gpu").glob("trial_*"))
 
 
@@ -398,7 +426,9 @@ def _terminated_in_experiment_state(study: Path) -> list[str]:
 
 @pytest.mark.ray
 def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
+    # The Optuna study lives in a database too (search.storage): it must outlive the driver.
     config = _config(tmp_path, search__num_samples=2, search__max_concurrent=1, scheduler={"name": "none"},
+                     search__storage="sqlite:///{study}/optuna.db",
                      train={**TINY["train"], "steps": 60, "eval_every": 10})  # every trial runs its 60 steps
     log = open(tmp_path / "first-launch.log", "w")  # noqa: SIM115 (closed after the kill, below)
     process = _launch(tmp_path, "killed", config=config, log=log)
@@ -431,4 +461,12 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     for trial in trials:
         assert _results(trial)[-1]["step"] == 60
     with open(study / "report.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    # Optuna's own study holds the searched trials (not the fixed point, outside its space), each
+    # finished with the value the report ranks it by, across the restart.
+    searched = sorted(float(row[METRIC]) for row in rows if row["label"] != "fixmatch")
+    database = optuna.load_study(study_name="killed", storage=f"sqlite:///{study}/optuna.db")
+    complete = [t for t in database.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.value for t in complete) == pytest.approx(searched, abs=1e-6)
+    assert {tuple(sorted(t.params)) for t in complete} == {("cai_beta", "confidence")}
