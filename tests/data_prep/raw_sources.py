@@ -64,21 +64,40 @@ def cifar_rows(images) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), 3072)
 
 
-def make_cifar10(directory, *, seed=10, per_batch=4, test=6) -> Source:
+def _labels_of(rng, counts) -> np.ndarray:
+    """Class c repeated counts[c] times, shuffled: a split with exactly these class counts."""
+    return rng.permutation(np.repeat(np.arange(len(counts)), counts)).astype(np.int64)
+
+
+def make_cifar10(directory, *, seed=10, per_batch=4, test=6, train_counts=None, test_counts=None) -> Source:
+    """Five training batches of `per_batch` random labels each, or, with `train_counts` (rows per
+    class), those rows shuffled across the five batches; `test_counts` likewise fixes the test
+    batch's class counts instead of `test` random labels."""
     rng = np.random.default_rng(seed)
     folder = "cifar-10-batches-py"
     members, train_images, train_labels = {}, [], []
+    batch_labels = None if train_counts is None else np.array_split(_labels_of(rng, train_counts), 5)
     members[f"{folder}/batches.meta"] = cifar_pickle(
-        {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072})
+        {b"num_cases_per_batch": per_batch if batch_labels is None else len(batch_labels[0]),
+         b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072})
     for b in range(1, 6):
-        images, labels = _random_images(rng, per_batch, 32), rng.integers(0, 10, per_batch)
+        if batch_labels is None:
+            images, labels = _random_images(rng, per_batch, 32), rng.integers(0, 10, per_batch)
+        else:
+            labels = batch_labels[b - 1]
+            images = _random_images(rng, len(labels), 32)
         members[f"{folder}/data_batch_{b}"] = cifar_pickle({
             b"batch_label": f"training batch {b} of 5".encode(), b"labels": labels.tolist(),
-            b"data": cifar_rows(images), b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)],
+            b"data": cifar_rows(images), b"filenames": [f"img_{b}_{i}.png".encode() for i in range(len(labels))],
         })
         train_images.append(images)
         train_labels.append(labels)
-    test_images, test_labels = _random_images(rng, test, 32), rng.integers(0, 10, test)
+    if test_counts is None:
+        test_images, test_labels = _random_images(rng, test, 32), rng.integers(0, 10, test)
+    else:
+        test_labels = _labels_of(rng, test_counts)
+        test_images = _random_images(rng, len(test_labels), 32)
+        test = len(test_labels)
     members[f"{folder}/test_batch"] = cifar_pickle({
         b"batch_label": b"testing batch 1 of 1", b"labels": test_labels.tolist(),
         b"data": cifar_rows(test_images), b"filenames": [f"test_{i}.png".encode() for i in range(test)],
@@ -91,8 +110,11 @@ def make_cifar10(directory, *, seed=10, per_batch=4, test=6) -> Source:
     })
 
 
-def make_cifar100(directory, *, seed=100, train=150, test=100) -> Source:
+def make_cifar100(directory, *, seed=100, train=150, test=100, train_counts=None, test_counts=None) -> Source:
+    """`train` / `test` rows labelled 0, 1, ..., 99, 0, 1, ...; or, with `train_counts` /
+    `test_counts` (rows per class), exactly those class counts, shuffled."""
     rng = np.random.default_rng(seed)
+    counts = {"train": train_counts, "test": test_counts}
     folder = "cifar-100-python"
     names = [f"fine{c:02d}" for c in range(100)]
     partitions, members = {}, {}
@@ -101,7 +123,9 @@ def make_cifar100(directory, *, seed=100, train=150, test=100) -> Source:
         b"coarse_label_names": [f"coarse{c:02d}".encode() for c in range(20)],
     })
     for split, n in (("train", train), ("test", test)):
-        images, labels = _random_images(rng, n, 32), np.arange(n) % 100
+        labels = np.arange(n) % 100 if counts[split] is None else _labels_of(rng, counts[split])
+        n = len(labels)
+        images = _random_images(rng, n, 32)
         members[f"{folder}/{split}"] = cifar_pickle({
             b"filenames": [f"{split}_{i}.png".encode() for i in range(n)], b"batch_label": split.encode(),
             b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(), b"data": cifar_rows(images),
@@ -117,14 +141,16 @@ def stl10_bytes(images) -> bytes:
     return b"".join(image[:, :, ch].flatten(order="F").tobytes() for image in images for ch in range(3))
 
 
-def make_stl10(directory, *, seed=96, train_per_class=2, test=10, unlabeled=5) -> Source:
+def make_stl10(directory, *, seed=96, train_per_class=2, test=10, unlabeled=5, train_counts=None,
+               test_counts=None) -> Source:
+    """`train_counts` / `test_counts` (rows per class) replace `train_per_class` / `test` random labels."""
     rng = np.random.default_rng(seed)
     folder = "stl10_binary"
-    train_labels = rng.permutation(np.repeat(np.arange(10), train_per_class))
-    test_labels = rng.integers(0, 10, test)
+    train_labels = rng.permutation(np.repeat(np.arange(10), train_per_class if train_counts is None else train_counts))
+    test_labels = rng.integers(0, 10, test) if test_counts is None else _labels_of(rng, test_counts)
     partitions = {
         "train": (_random_images(rng, len(train_labels), 96), train_labels.astype(np.int64)),
-        "test": (_random_images(rng, test, 96), test_labels.astype(np.int64)),
+        "test": (_random_images(rng, len(test_labels), 96), test_labels.astype(np.int64)),
         "unlabeled": (_random_images(rng, unlabeled, 96), np.full(unlabeled, -1, np.int64)),
     }
     members = {
@@ -155,15 +181,21 @@ def make_image_tree(root, *, seed=7, classes=("cat", "dog", "fox"), per_class=5,
 def make_miniimagenet_pickle(path, *, seed=84, wnids=("n01532829", "n01558993", "n01704323"), per_class=6,
                              side=84, protocol=pickle.HIGHEST_PROTOCOL) -> Source:
     """{'image_data': uint8 (N, side, side, 3), 'class_dict': {wnid: [rows]}}; rows of the classes
-    interleave so the class_dict mapping matters. `partitions["all"]` is grouped by sorted wnid."""
+    interleave so the class_dict mapping matters. `partitions["all"]` is grouped by sorted wnid.
+    `per_class` is one count for every class, or a list of counts (one per wnid, in order)."""
     rng = np.random.default_rng(seed)
-    n = len(wnids) * per_class
-    data = _random_images(rng, n, side)
-    class_dict = {w: list(range(k, n, len(wnids))) for k, w in enumerate(wnids)}
+    if isinstance(per_class, int):
+        n = len(wnids) * per_class
+        data = _random_images(rng, n, side)
+        class_dict = {w: list(range(k, n, len(wnids))) for k, w in enumerate(wnids)}
+    else:
+        row_labels = _labels_of(rng, per_class)
+        data = _random_images(rng, len(row_labels), side)
+        class_dict = {w: np.flatnonzero(row_labels == k).tolist() for k, w in enumerate(wnids)}
     Path(path).write_bytes(pickle.dumps({"image_data": data, "class_dict": class_dict}, protocol=protocol))
     order = sorted(wnids)
     rows = [r for w in order for r in class_dict[w]]
-    labels = np.repeat(np.arange(len(order)), per_class)
+    labels = np.repeat(np.arange(len(order)), [len(class_dict[w]) for w in order])
     return Source(Path(path), order, {"all": (data[rows], labels)})
 
 
