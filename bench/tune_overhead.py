@@ -15,7 +15,10 @@ to exit.
           report and plots at the end.
 
 ratio = study wall time / direct wall time (goal: <= 1.10). The trials' own wall times (from the
-study's report.csv) split the difference into per-trial and fixed costs. `--trainer
+study's report.csv) split the difference into per-trial and fixed costs. Each trial's start-up
+(the time before its first training step) is estimated from its results: the time of its first
+report less one evaluation window (the time between its first and second reports); the first
+trial's and the later trials' mean are printed apart. `--trainer
 torch_trainer` runs each trial through a Ray Train TorchTrainer instead of inside the trial.
 The last line is JSON.
 """
@@ -70,6 +73,17 @@ def study_config(trials: int, steps: int, trainer: str, concurrent: int) -> dict
     }
 
 
+def trial_startups(study: Path) -> list[float]:
+    """Each trial's seconds before its first training step, in the order the trials started."""
+    startups = []
+    for trial in study.glob("trial_*"):
+        results = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+        first, second = results[0]["time_total_s"], results[1]["time_total_s"]
+        started = results[0]["timestamp"] - first
+        startups.append((started, first - (second - first)))
+    return [seconds for _, seconds in sorted(startups)]
+
+
 def timed(argv: list[str], log: Path, env: dict | None = None) -> float:
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -114,10 +128,14 @@ def main(argv=None):
         if len(rows) != args.trials or any(row["status"] != "TERMINATED" for row in rows):
             sys.exit(f"error: the study did not finish its {args.trials} trials; see {tmp / 'study.log'}")
         trial_s = sum(float(row["wall_time_s"]) for row in rows)
+        startups = trial_startups(tmp / "studies" / "overhead")
+        print(f"start-up per trial: first {startups[0]:.1f} s, later ones "
+              f"{sum(startups[1:]) / max(len(startups) - 1, 1):.1f} s on average", flush=True)
     print(json.dumps({
         "trials": args.trials, "steps": args.steps, "trainer": args.trainer, "concurrent": args.concurrent,
         "direct_s": round(direct_s, 1), "study_s": round(study_s, 1),
         "trials_own_s": round(trial_s, 1), "ratio": round(study_s / direct_s, 3),
+        "startup_s": [round(s, 1) for s in startups],
     }))
 
 

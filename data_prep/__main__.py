@@ -1,8 +1,8 @@
 """python -m data_prep {convert,info,split,list}: raw datasets -> Parquet, and MNAR splits."""
 
-import argparse
 import sys
 
+from data_prep.cli import ArgumentParser
 from data_prep.convert import convert
 from data_prep.errors import DataPrepError
 from data_prep.parquet import default_data_root, open_dataset
@@ -76,7 +76,7 @@ def _cmd_list(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    parser = ArgumentParser(prog="python -m data_prep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, func, help):

@@ -5,6 +5,7 @@ the CAI thresholds with CADR, plus the FixMatch baseline and CADR at the paper's
 
     python -m study.launch                                  # the default study
     python -m study.launch --config examples/digits_thresholds.yaml --num-samples 8
+    python -m study.launch --config examples/paper/cifar10_lt_50.yaml --set train.batch_size=16 --set train.mu=2
     python -m study.launch --list-spaces
     python -m study.launch --name my-study --resume         # continue an interrupted study
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m study.launch --config FILE
@@ -16,6 +17,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from data_prep import DataPrepError
+from data_prep.cli import ArgumentParser
 from data_prep.parquet import default_data_root, verify_dataset
 from search_spaces import SPACES, SpaceError
 from search_spaces.spaces import describe
@@ -35,7 +38,7 @@ USER_ERRORS = (StudyError, DataPrepError, TrainConfigError, SpaceError)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__,
+    parser = ArgumentParser(prog="python -m study.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="study YAML file (default: the built-in default study)")
     parser.add_argument("--space", help="named search space(s), joined with '+' (see --list-spaces)")
@@ -52,6 +55,9 @@ def build_parser():
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--data-root", help="where datasets live (default: $ML_DATA or ./data)")
     parser.add_argument("--steps", type=int, help="training steps per trial")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any key of the study config, dotted (train.batch_size=8, resources.use_gpu=false; "
+                        "VALUE is read as YAML); repeatable, applied after the file and the options above")
     parser.add_argument("--resume", action="store_true", help="continue the study --name (default: the latest)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     parser.add_argument("--list-spaces", action="store_true", help="print the named search spaces and exit")
@@ -65,6 +71,33 @@ def _overrides(args) -> dict:
         "name": args.name, "resources.num_workers": args.num_workers, "resources.use_gpu": args.use_gpu,
         "address": args.address, "data_root": args.data_root, "train.steps": args.steps,
     }
+
+
+def apply_sets(config, assignments):
+    """--set KEY=VALUE: each dotted key set in the config (the file with the other options applied),
+    its value read as YAML; the result goes through the same checks as a study file."""
+    from study.config import from_dict
+
+    if not assignments:
+        return config
+    raw = config.to_dict()
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
+            raise StudyError(f"--set {assignment!r}: expected KEY=VALUE with a dotted KEY, e.g. train.batch_size=8")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise StudyError(f"--set {key}: {text!r} is not a YAML value") from None
+        target = raw
+        *parents, leaf = key.split(".")
+        for depth, parent in enumerate(parents):
+            target = target.setdefault(parent, {})  # a new section: an unknown key the checks below name
+            if not isinstance(target, dict):
+                raise StudyError(f"--set {key}: {'.'.join(parents[:depth + 1])} is {target!r}, not a mapping")
+        target[leaf] = value
+    return from_dict(raw)
 
 
 def _study_dir(config, resume: bool) -> str:
@@ -168,7 +201,7 @@ def main(argv=None):
 def _run(args) -> int:
     from data_prep.convert import prepare
 
-    config = load(args.config, _overrides(args))
+    config = apply_sets(load(args.config, _overrides(args)), args.set)
     # Trials run in other processes and directories: give them an absolute data root.
     config.data_root = os.path.abspath(config.data_root or default_data_root())
     space = validate(config)
@@ -204,7 +237,7 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     import ray.data
 
     from study.report import format_table, write_report
-    from study.tune import build_tuner, restore_tuner
+    from study.tune import build_tuner, decode_once, restore_tuner
 
     # `ray job submit` sets RAY_ADDRESS for the driver: then the study runs on that cluster.
     local_ray = config.address is None and not os.environ.get("RAY_ADDRESS")
@@ -225,8 +258,14 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     # The study's loggers are its own (study/tune.py): Tune adds none, so its TensorBoard logger
     # does not also write events against its iteration count (nor print a second command).
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    tuner = restore_tuner(config, study_dir, cluster_cpus) if args.resume else \
-        build_tuner(config, space, study_dir, cluster_cpus)
+    # In-trial runs load their arrays in the trial process (a reused trial actor keeps them).
+    datasets = None if config.resources.in_trial() else decode_once(config, splits)
+    tuner = restore_tuner(config, study_dir, cluster_cpus, datasets) if args.resume else \
+        build_tuner(config, space, study_dir, cluster_cpus, datasets)
+    # Under `ray job submit` the current directory is the job's copy of the project, which Ray
+    # deletes and unpacks again when the trials' workers start; Tune's last bookkeeping then fails
+    # on a current directory that no longer exists. Every path the study uses is absolute by now.
+    os.chdir(tempfile.gettempdir())
     try:
         tuner.fit()
     except Exception:
@@ -239,13 +278,15 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     with local_study(study_dir) as local:
         report = write_report(local)
     print(format_table(report))
-    print(f"\nreport: {study_dir}/report.md")
-    logdir = study_dir.removeprefix("file://")  # TensorBoard reads paths, gs:// and s3:// (with their extras)
+    print(f"\nreport: {join(study_dir, 'report.md')}")
+    # TensorBoard reads paths, gs:// and s3:// (with their extras; an S3 endpoint from S3_ENDPOINT).
+    logdir = study_dir.removeprefix("file://").split("?")[0]
     print(f"compare trials: tensorboard --logdir {logdir}")
     if report.best is None:  # every trial failed: say why in one line
         failure = next((t.error for t in report.trials if t.status == "ERROR" and t.error), None)
         why = f"; the first failure: {failure}" if failure else ""
-        print(f"error: no trial of study {config.name} finished{why} (every trial is in {study_dir}/report.md)",
+        print(f"error: no trial of study {config.name} finished{why} "
+              f"(every trial is in {join(study_dir, 'report.md')})",
               file=sys.stderr)
         return 2
     return 0

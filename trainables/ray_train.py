@@ -147,13 +147,15 @@ def _tensorboard_dir(storage_path: str, name: str) -> str | None:
 
 def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path="results", name=None,
         max_failures=0, tensorboard=True, checkpoints_to_keep=2, callbacks=None, check_resources=True,
-        verify=True, address=None):
+        verify=True, address=None, datasets=None):
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
 
     Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
     unique per run: Ray resumes a run whose name and storage path already exist. With
     check_resources=False the workers may wait for nodes an autoscaler has yet to add. verify=False
-    skips the dataset's checksum (a study verifies it once, before its first trial).
+    skips the dataset's checksum (a study verifies it once, before its first trial). `datasets`:
+    the split's Ray datasets as `ray_datasets` builds them, already materialized (a study decodes
+    them once for all its trials); by default they are read and decoded from the Parquet files.
 
     A failure that would recur on a retry (divergence, a refused checkpoint, bad data) is not
     retried: `fit` raises TrainingFailed with its one line. Process and node faults are retried
@@ -191,7 +193,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=resources.scaling_config(cluster.get("CPU", 1)),
-        datasets=ray_datasets(config.dataset, split.name, config.data_root, verify=False),
+        datasets=datasets or ray_datasets(config.dataset, split.name, config.data_root, verify=False),
         dataset_config=DataConfig(datasets_to_split=["labeled", "unlabeled"]),
         run_config=RunConfig(
             name=name, storage_path=storage_path,

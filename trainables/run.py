@@ -10,6 +10,7 @@ import sys
 from dataclasses import fields
 
 from data_prep import DataPrepError
+from data_prep.cli import ArgumentParser
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError, TrainingFailed
 from trainables.methods import METHODS
@@ -25,7 +26,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m trainables.run", description=__doc__,
+    parser = ArgumentParser(prog="python -m trainables.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for f in fields(TrainConfig):

@@ -4,12 +4,13 @@ URI), and print the trials table."""
 import argparse
 import sys
 
+from data_prep.cli import ArgumentParser
 from study.config import StudyError
 from study.report import format_table, write_report
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__,
+    parser = ArgumentParser(prog="python -m study.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study_dir", help="a study directory (<storage>/<study name>): a path or a URI")
     args = parser.parse_args(argv)

@@ -251,6 +251,8 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, t
     train_runs = sorted(p.name for p in (study / "train_runs").glob("*")) if (study / "train_runs").exists() else []
     if trainer == "torch_trainer":
         assert train_runs == sorted(recorded)
+        # The trials' TorchTrainers took their shards from datasets the launcher decoded once.
+        assert out.count("decoded once for every trial") == 1
     else:
         assert train_runs == [] and all(list(t.glob("checkpoint_*")) for t in trials)
 
@@ -470,3 +472,29 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     complete = [t for t in database.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.value for t in complete) == pytest.approx(searched, abs=1e-6)
     assert {tuple(sorted(t.params)) for t in complete} == {("cai_beta", "confidence")}
+
+
+def test_set_overrides_any_key_after_the_file_and_the_options(tmp_path, capsys, digits_root):
+    argv = ["--config", _config(tmp_path), "--storage", str(tmp_path / "studies"), "--data-root", digits_root,
+            "--dry-run", "--steps", "5", "--set", "train.steps=7", "--set", "train.batch_size=4",
+            "--set", "resources.use_gpu=false", "--set", "resources.cpus_per_worker=null",
+            "--set", "search.fixed_points=[]", "--set", "split.n_max=12"]
+    assert main(argv) == 0
+    plan = yaml.safe_load(capsys.readouterr().out.split("\nstudy directory:")[0].removeprefix("resolved config:\n"))
+    assert (plan["train"]["steps"], plan["train"]["batch_size"], plan["train"]["mu"]) == (7, 4, 2)
+    assert (plan["resources"]["use_gpu"], plan["resources"]["cpus_per_worker"]) == (False, None)
+    assert plan["search"]["fixed_points"] == [] and plan["split"]["n_max"] == 12
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.colour=red", "unknown training option(s): colour"),
+    ("resources.gpus=1", "unknown key(s) in 'resources': gpus"),
+    ("colour=red", "unknown study key(s): colour"),
+    ("space.confidence=0.9", "--set space.confidence: space is 'thresholds', not a mapping"),
+    ("train.batch_size", "--set 'train.batch_size': expected KEY=VALUE"),
+    ("train..mu=2", "--set 'train..mu=2': expected KEY=VALUE"),
+    ("train.mu=[1", "--set train.mu: '[1' is not a YAML value"),
+])
+def test_a_bad_set_fails_before_ray_in_one_line(tmp_path, capsys, assignment, message):
+    _fails_before_ray(capsys, ["--config", _config(tmp_path), "--storage", str(tmp_path), "--set", assignment],
+                      message)
