@@ -141,6 +141,9 @@ def build_state(config: TrainConfig, num_classes: int, image_shape, device, *, n
                       generator=generator, augment=augment, scaler=scaler)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def autocast(config: TrainConfig, device: torch.device):
     """The model's forward in the config's precision: torch.autocast to bf16 or fp16 on the
     device, or nothing for fp32 (the parameters themselves always stay fp32)."""
@@ -175,7 +178,8 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
         batch = batch.contiguous(memory_format=torch.channels_last)
     with autocast(config, batch.device):
         logits = forward(normalize(batch))
-    logits = logits.float()  # the method's losses and state stay fp32 whatever the model computes in
+    if logits.dtype in HALF:  # the method's losses and state stay fp32 whatever the model computes in
+        logits = logits.float()
     n_labeled, n_unlabeled = len(labeled), len(unlabeled)
     logits_x, logits_weak, logits_strong = logits.split([n_labeled, n_unlabeled, n_unlabeled])
 
@@ -221,7 +225,7 @@ def _update_ctaugment(state: TrainState, config: TrainConfig, labeled_view, labe
     model.eval()
     with autocast(config, probe.device):
         logits = forward(normalize(probe))
-    probs = F.softmax(logits.float(), dim=1)
+    probs = F.softmax(logits.float() if logits.dtype in HALF else logits, dim=1)
     model.train()
     gather = state.method.collective.gather_rows
     policy = type(policy)(*(gather(part.to(probs.device))[0].cpu() for part in policy))
