@@ -273,7 +273,8 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
         if problem is None:
             raise  # a bug: its traceback is the report
         raise StudyError(f"the storage of study {study_dir} failed mid-study ({problem}): fix it or free space, "
-                         "then continue with --resume (finished trials are kept)") from None
+                         "then continue with --resume (finished trials whose files survived are kept; the report marks "
+                         "any whose results were lost)") from None
     ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
     with local_study(study_dir) as local:
         report = write_report(local)

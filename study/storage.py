@@ -21,6 +21,9 @@ import pyarrow.fs as pafs
 from data_prep.files import write_atomic
 from study.config import StudyError
 
+FIX_STORAGE = "; pass another --storage, or make it writable"
+WRITE_AGAIN = "; free space on the storage (or fix its permissions) and run the command again"
+
 SKIPPED = ("checkpoint_",)  # model checkpoints: large and not needed for reports
 ERRORS = (pa.ArrowException, OSError, ValueError)
 
@@ -70,15 +73,15 @@ def make_dirs(location: str) -> None:
         try:
             Path(location).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StudyError(f"storage {location} is not writable ({exc.strerror})") from None
+            raise StudyError(f"storage {location} is not writable ({exc.strerror}){FIX_STORAGE}") from None
         if not os.access(location, os.W_OK | os.X_OK):
-            raise StudyError(f"storage {location} is not writable")
+            raise StudyError(f"storage {location} is not writable{FIX_STORAGE}")
         return
     fs, path = filesystem(location)
     try:
         fs.create_dir(path, recursive=True)
     except ERRORS as exc:
-        raise StudyError(f"storage {location} is not writable ({exc})") from None
+        raise StudyError(f"storage {location} is not writable ({exc}){FIX_STORAGE}") from None
 
 
 def write_bytes(location: str, data: bytes) -> None:
@@ -87,7 +90,7 @@ def write_bytes(location: str, data: bytes) -> None:
         try:
             write_atomic(location, lambda f: f.write(data))
         except OSError as exc:
-            raise StudyError(f"cannot write {location}: {exc.strerror or exc}") from None
+            raise StudyError(f"cannot write {location}: {exc.strerror or exc}{WRITE_AGAIN}") from None
         return
     fs, path = filesystem(location)
     parent, name = path.rsplit("/", 1)
@@ -97,7 +100,7 @@ def write_bytes(location: str, data: bytes) -> None:
             f.write(data)
         fs.move(tmp, path)
     except ERRORS as exc:
-        raise StudyError(f"cannot write {location}: {exc}") from None
+        raise StudyError(f"cannot write {location}: {exc}{WRITE_AGAIN}") from None
 
 
 def storage_problem(location: str, probe_bytes: int = 1 << 16) -> str | None:
@@ -107,7 +110,7 @@ def storage_problem(location: str, probe_bytes: int = 1 << 16) -> str | None:
     try:
         write_bytes(probe, b"\0" * probe_bytes)
     except StudyError as exc:
-        return str(exc).rsplit(": ", 1)[-1]
+        return str(exc).removesuffix(WRITE_AGAIN).rsplit(": ", 1)[-1]
     fs, path = filesystem(probe)
     with contextlib.suppress(*ERRORS):
         fs.delete_file(path)

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from study.config import StudyError
 from study.report.ranking import Report
-from study.storage import write_bytes
+from study.storage import WRITE_AGAIN, write_bytes
 
 
 def write_plots(report: Report) -> list[Path]:
@@ -20,7 +20,7 @@ def write_plots(report: Report) -> list[Path]:
     try:
         plots.mkdir(exist_ok=True)
     except OSError as exc:
-        raise StudyError(f"cannot write {plots}: {exc.strerror}") from None
+        raise StudyError(f"cannot write {plots}: {exc.strerror}{WRITE_AGAIN}") from None
     written = []
     figure = _per_class_figure(report)
     if figure is not None:
