@@ -1,0 +1,619 @@
+"""Fault suite: provoke each failure the README's "Reliability" section promises to handle, for real.
+
+    python bench/faults.py                        # every scenario (about 10 minutes on 2 CPU cores)
+    python bench/faults.py --only divergence killed_worker
+    python bench/faults.py --keep                 # keep the temporary directory for a look
+
+Each scenario runs the project's own command lines as subprocesses (`python -m trainables.run`,
+`python -m study.launch`, `python -m study.report`, `python -m data_prep`) on the digits dataset
+with a small CNN and a few steps, in one temporary directory, and damages real files or kills real
+processes. What counts as handled is what the README promises: a failure a user can cause ends the
+command with exactly one line starting `error:` that names the problem, exit code 2 and no
+traceback; a failure that would recur is not retried; a killed process is recovered from its last
+checkpoint; nothing finished is lost.
+
+Processes are only ever killed by PID, and only those this suite started or their descendants
+(found through /proc), so other Ray instances on the machine are never touched. The storage-full
+scenario mounts a small tmpfs, which needs root; without it that row reads "not run".
+
+Output: a Markdown table (scenario, expected, observed, result), then one JSON line. The exit code
+is 0 only if every scenario passed (a scenario this machine cannot provide, such as a tmpfs without
+root, is reported as not run and does not fail the suite).
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = "digits_LT_10.1@50-100"  # long-tailed labels, 100 balanced validation rows
+TRAIN = ["--dataset", "digits", "--split", SPLIT, "--model", "cnn_small", "--batch-size", "16", "--mu", "2"]
+STUDY = {  # two trials: the FixMatch baseline, then one CADR trial at the paper's thresholds
+    "dataset": "digits",
+    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
+    "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
+              "cap": True, "cai": True, "cadr": True},
+    "space": "thresholds",
+    "search": {"algorithm": "optuna", "num_samples": 1, "max_concurrent": 1, "seed": 0,
+               "points_to_evaluate": [{"label": "paper defaults", "confidence": 0.95, "cai_beta": 0.5}],
+               "fixed_points": [{"label": "fixmatch", "cap": False, "cai": False, "cadr": False}]},
+    "scheduler": {"name": "none"},
+}
+RAY_STARTED = "Started a local Ray instance"
+RAY_ACTOR_LINE = re.compile(r"^(\x1b\[[0-9;]*m)*\((?P<who>[^)]*?) ?pid=[^)]*\)")  # Ray forwards its processes' lines
+
+
+# --- running the project's commands -----------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    code: int | None
+    output: str  # stdout and stderr together, in order
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith("error:")]
+
+    def tracebacks(self) -> tuple[bool, list[str]]:
+        """Whether the command itself printed a traceback, and which of Ray's own processes did
+        (their lines reach the console prefixed with the process, e.g. `(TrainController pid=12)`)."""
+        own, ray = False, []
+        for line in self.output.splitlines():
+            if "Traceback (most recent call last)" in line:
+                if match := RAY_ACTOR_LINE.match(line):
+                    ray.append(match.group("who") or "a Ray process")
+                else:
+                    own = True
+        return own, sorted(set(ray))
+
+
+class Work:
+    """The suite's temporary directory and the processes it started."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.started: list[subprocess.Popen] = []
+        self._data = None
+
+    def env(self) -> dict:
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # always a local Ray
+        return {**env, "PYTHONUNBUFFERED": "1"}
+
+    def start(self, *argv, log: Path) -> subprocess.Popen:
+        """`python -m ...` in the background, its output to `log`."""
+        with open(log, "w") as out:
+            process = subprocess.Popen([sys.executable, "-m", *map(str, argv)], cwd=REPO, env=self.env(),
+                                       stdout=out, stderr=subprocess.STDOUT, text=True)
+        self.started.append(process)
+        return process
+
+    def run(self, *argv, timeout=300) -> Outcome:
+        """`python -m ...` to completion (killed, with its descendants, after `timeout` seconds)."""
+        log = Path(tempfile.mkstemp(dir=self.root, prefix="log-", suffix=".txt")[1])
+        process = self.start(*argv, log=log)
+        code = wait(process, timeout)
+        return Outcome(code, log.read_text())
+
+    def data(self) -> Path:
+        """A data root holding the converted digits dataset (converted once, by data_prep's CLI)."""
+        if self._data is None:
+            root = self.root / "data"
+            done = self.run("data_prep", "convert", "digits", "--data-root", root)
+            if done.code != 0:
+                raise RuntimeError(f"converting digits failed: {done.output[-500:]}")
+            self._data = root
+        return self._data
+
+    def data_copy(self, name: str) -> Path:
+        """A private copy of the data root, for a scenario that damages it."""
+        return Path(shutil.copytree(self.data(), self.root / name))
+
+    def study_config(self, name: str, **train) -> Path:
+        raw = json.loads(json.dumps(STUDY))
+        raw["train"].update(train)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def launch(self, name: str, storage: Path, *extra, config=None, data=None, log=None, background=False):
+        argv = ["study.launch", "--config", config or self.study_config(name), "--storage", storage, "--name", name,
+                "--data-root", data or self.data(), *extra]
+        if background:
+            return self.start(*argv, log=log or self.root / f"{name}.log")
+        return self.run(*argv)
+
+    def stop_everything(self) -> None:
+        """Kill what is left of the processes this suite started (by PID, descendants included)."""
+        for process in self.started:
+            if process.poll() is None:
+                kill_tree(process.pid)
+                process.wait()
+
+
+def wait(process: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        process.wait()
+        return None
+
+
+# --- processes, found through /proc ------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of `pid`, with its start time (to recognise it later)."""
+    children: dict[int, list[int]] = {}
+    starts = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))):
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            starts[int(entry)] = fields[19]
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def kill_known(processes: dict[int, str]) -> int:
+    """SIGKILL each process of {pid: start time} that still runs (the same start time: the same
+    process); returns how many were still running."""
+    alive = 0
+    for pid, start in processes.items():
+        fields = _stat(pid)
+        if fields and fields[19] == start and fields[0] != "Z":
+            alive += 1
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return alive
+
+
+def kill_tree(pid: int) -> None:
+    tree = descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    kill_known(tree)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --- what a result looks like --------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    passed: bool | None  # None: not run, for a reason of this machine's
+    observed: str
+
+
+def one_line_failure(outcome: Outcome, expected: str, *, before_ray=False) -> Row:
+    """Exit code 2, exactly one `error:` line containing `expected`, no traceback (and, with
+    `before_ray`, no Ray started)."""
+    problems = []
+    if outcome.code != 2:
+        problems.append(f"exit {outcome.code}")
+    if len(outcome.errors) != 1:
+        problems.append(f"{len(outcome.errors)} error lines")
+    elif expected not in outcome.errors[0]:
+        problems.append("the line does not say " + repr(expected))
+    own_traceback, ray_tracebacks = outcome.tracebacks()
+    if own_traceback:
+        problems.append("a traceback")
+    if before_ray and RAY_STARTED in outcome.output:
+        problems.append("Ray was started")
+    observed = f"exit {outcome.code}; " + (outcome.errors[0] if outcome.errors else last_lines(outcome.output))
+    return Row(not problems, observed + (f" [{', '.join(problems)}]" if problems else "") + ray_note(ray_tracebacks))
+
+
+def ray_note(processes: list[str]) -> str:
+    """A traceback one of Ray's own processes printed on the console: not the command's failure
+    line, but a user sees it."""
+    return f" (note: Ray's {', '.join(processes)} also printed a traceback)" if processes else ""
+
+
+def last_lines(text: str, count=2) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-count:]) or "(no output)"
+
+
+def results(trial: Path) -> list[dict]:
+    path = trial / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def terminated_trials(study: Path) -> list[Path]:
+    """Trial directories Tune's saved experiment state records as finished."""
+    states = sorted(study.glob("experiment_state-*.json"))
+    try:
+        entries = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError, KeyError):
+        return []  # being rewritten; ask again
+    trials = [json.loads(entry[0]) for entry in entries]
+    return [study / t["relative_logdir"] for t in trials if t.get("status") == "TERMINATED"]
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float, interval=1.0):
+    """Poll `condition()` until it returns something truthy, the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if found := condition():
+            return found
+        time.sleep(interval)
+    return None
+
+
+def report_rows(study: Path) -> list[dict]:
+    try:
+        with open(study / "report.csv") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+# --- the scenarios ----------------------------------------------------------------------------------
+
+
+def divergence(work: Work) -> Row:
+    done = work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--lr", "1e6", "--cap", "--cai",
+                    "--cadr", "--steps", "20", "--eval-every", "10", "--storage", work.root / "diverging")
+    row = one_line_failure(done, "error: training diverged")
+    retried = "[FailurePolicy] RETRY" in done.output or done.output.count("Started training worker group") > 1
+    return Row(row.passed and not retried, row.observed + ("; retried" if retried else "; not retried"))
+
+
+def finished_run(work: Work, storage: Path) -> list[Path]:
+    """A finished 20-step run named `base` under `storage` (trained once, then copied); its
+    checkpoint files."""
+    base = work.root / "base-run"
+    if not base.exists():
+        done = work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", "20", "--eval-every", "10",
+                        "--storage", base, "--name", "base")
+        if done.code != 0:
+            raise RuntimeError(f"the run to resume from failed: {last_lines(done.output)}")
+    shutil.copytree(base, storage)  # checkpoints are named relative to the run directory
+    return sorted(storage.glob("base/checkpoint_*/state.pt"))
+
+
+def resume(work: Work, storage: Path) -> Outcome:
+    return work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", "40", "--eval-every", "10",
+                    "--storage", storage, "--name", "base")
+
+
+def names_a_file(row: Row, outcome: Outcome, files: list[Path]) -> Row:
+    named = bool(outcome.errors) and any(f"checkpoint {path} " in outcome.errors[0] for path in files)
+    return Row(row.passed and named, row.observed + ("" if named else " [names none of the damaged files]"))
+
+
+class RunsCode:
+    """Unpickled by a plain torch.load, this would create a file: what an attacker could plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def pickled_checkpoint(work: Work) -> Row:
+    import torch
+
+    storage = work.root / "pickled"
+    files = finished_run(work, storage)
+    marker = work.root / "code-ran"
+    for path in files:
+        torch.save({"step": RunsCode(marker)}, path)
+    done = resume(work, storage)
+    row = names_a_file(one_line_failure(done, "holds something other than tensors"), done, files)
+    if marker.exists():
+        return Row(False, row.observed + " [the planted code ran]")
+    return row
+
+
+def truncated_checkpoint(work: Work) -> Row:
+    storage = work.root / "truncated"
+    files = finished_run(work, storage)
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    done = resume(work, storage)
+    return names_a_file(one_line_failure(done, "cannot be read"), done, files)
+
+
+def unwritable_storage(work: Work) -> Row:
+    blocker = work.root / "a-file"
+    blocker.write_text("")
+    done = work.launch("unwritable", blocker / "studies")
+    return one_line_failure(done, "is not writable", before_ray=True)
+
+
+def parquet_file(data: Path) -> Path:
+    return sorted((data / "digits" / "train").glob("*.parquet"))[0]
+
+
+def changed_dataset(work: Work) -> Row:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = work.data_copy("data-changed")
+    path = parquet_file(data)
+    table = pq.read_table(path)
+    labels = table.column("label").to_pylist()
+    labels[0] = (labels[0] + 1) % 10  # one image gets another class, in a valid Parquet file
+    field = table.schema.field("label")
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), field, pa.array(labels, field.type)), path)
+    done = work.launch("changed", work.root / "studies", data=data)
+    return one_line_failure(done, "Parquet files changed since conversion", before_ray=True)
+
+
+def truncated_dataset(work: Work) -> Row:
+    data = work.data_copy("data-truncated")
+    path = parquet_file(data)
+    contents = path.read_bytes()
+    path.write_bytes(contents[: len(contents) // 2])
+    done = work.run("trainables.run", *TRAIN, "--data-root", data, "--steps", "20", "--eval-every", "10",
+                    "--storage", work.root / "runs-truncated-data")
+    row = one_line_failure(done, "corrupt or truncated Parquet file", before_ray=True)
+    named = bool(done.errors) and str(path) in done.errors[0]
+    return Row(row.passed and named, row.observed + ("" if named else " [does not name the file]"))
+
+
+def impossible_resources(work: Work) -> Row:
+    import torch
+
+    if torch.cuda.is_available():
+        return Row(None, "not run (this machine has a GPU, so --use-gpu is possible)")
+    done = work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", "20", "--eval-every", "10",
+                    "--use-gpu", "--storage", work.root / "runs-gpu")
+    return one_line_failure(done, "use_gpu")
+
+
+def second_driver(work: Work) -> Row:
+    storage = work.root / "studies"
+    config = work.study_config("twice", steps=60)
+    first = work.launch("twice", storage, config=config, background=True)
+    study = storage / "twice"
+    running = wait_for(lambda: (study / "study.json").exists(), first, timeout=240)  # past its claim and Ray
+    if not running:
+        return Row(False, f"the first launch never got going (exit {wait(first, 60)})")
+    # While it runs: the same launch again, and a --resume (a second driver of the running study).
+    again = work.launch("twice", storage, config=config, log=work.root / "twice-again.log", background=True)
+    resumed = work.launch("twice", storage, "--resume", config=config, log=work.root / "twice-resume.log",
+                          background=True)
+    codes = [wait(again, 120), wait(resumed, 120)]
+    first_still_running = first.poll() is None
+    again_row = one_line_failure(Outcome(codes[0], (work.root / "twice-again.log").read_text()), "already exists")
+    resume_row = one_line_failure(Outcome(codes[1], (work.root / "twice-resume.log").read_text()),
+                                  "is being run by another driver")
+    code = wait(first, 300)
+    trials = [t for t in study.glob("trial_*") if (t / "params.json").exists()]
+    complete = all(results(t) and results(t)[-1]["step"] == 60 for t in trials)
+    observed = (f"same launch again: {again_row.observed}; --resume: {resume_row.observed}; "
+                f"first: {'still running then, ' if first_still_running else 'ALREADY ENDED then, '}"
+                f"exit {code}, {len(trials)} trials of 60 steps")
+    return Row(again_row.passed and resume_row.passed and first_still_running and code == 0 and len(trials) == 2
+               and complete, observed)
+
+
+def killed_worker(work: Work) -> Row:
+    storage, steps = work.root / "runs-killed-worker", 300
+    run = storage / "killed"
+    launcher = work.start("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", steps,
+                          "--eval-every", "20", "--storage", storage, "--name", "killed",
+                          log=work.root / "killed-worker.log")
+
+    def checkpointed_worker():
+        try:
+            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return None
+        checkpoints = [entry["metrics"]["step"] for entry in snapshot.get("checkpoint_results", [])]
+        workers = [pid for pid in descendants(launcher.pid) if "RayTrainWorker" in cmdline(pid)]
+        return (workers[0], max(checkpoints)) if checkpoints and workers else None
+
+    found = wait_for(checkpointed_worker, launcher, timeout=300, interval=0.05)
+    if found is None:
+        code = wait(launcher, 60)
+        return Row(False, f"no worker found after a checkpoint (the run ended with exit {code} first)")
+    pid, at_step = found
+    os.kill(pid, signal.SIGKILL)
+    code = wait(launcher, 400)
+    output = (work.root / "killed-worker.log").read_text()
+    finished = f"step                               {steps}" in output
+    restarted = len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group
+    observed = (f"killed worker pid {pid} after the step-{at_step} checkpoint; exit {code}; "
+                f"{'finished' if finished else 'did not finish'} {steps} steps; "
+                f"{'restarted from its checkpoint' if restarted else 'no restart seen'}")
+    own_traceback, ray_tracebacks = Outcome(code, output).tracebacks()
+    return Row(code == 0 and finished and restarted and at_step < steps and not own_traceback,
+               observed + ray_note(ray_tracebacks))
+
+
+def killed_driver(work: Work) -> Row:
+    storage = work.root / "studies"
+    config = work.study_config("killed", steps=40)
+    launcher = work.launch("killed", storage, config=config, background=True)
+    study = storage / "killed"
+    finished = wait_for(lambda: terminated_trials(study), launcher, timeout=300)
+    tree = descendants(launcher.pid)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    if not finished:
+        kill_known(tree)
+        return Row(False, "no trial finished before the driver ended or the deadline")
+    time.sleep(5)  # Ray's own processes share the driver's fate
+    left = kill_known(tree)
+    kept = (finished[0] / "result.json").read_text()
+    done = work.launch("killed", storage, "--resume", config=config)
+    trials = [t for t in study.glob("trial_*") if (t / "params.json").exists()]
+    unchanged = (finished[0] / "result.json").read_text() == kept
+    complete = all(results(t) and results(t)[-1]["step"] == 40 for t in trials)
+    rows = report_rows(study)
+    observed = (f"killed the driver after trial {finished[0].name.split('_')[1]} finished"
+                f"{f' ({left} of its processes outlived it)' if left else ''}; resume: exit {done.code}; finished "
+                f"trial's result.json {'unchanged' if unchanged else 'CHANGED'}; {len(rows)} of {len(trials)} "
+                f"trials in report.csv")
+    passed = done.code == 0 and unchanged and complete and len(trials) == 2 and len(rows) == len(trials)
+    return Row(passed, observed + ("" if done.code == 0 else f" ({last_lines(done.output)})"))
+
+
+def storage_full(work: Work) -> Row:
+    if os.geteuid() != 0:
+        return Row(None, "not run (needs root for a small tmpfs)")
+    mount = work.root / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        return Row(None, f"not run (cannot mount a tmpfs: {mounted.stderr.strip()})")
+    try:
+        return fill_storage_mid_study(work, mount)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def fill_storage_mid_study(work: Work, mount: Path) -> Row:
+    steps = 150
+    config = work.study_config("full", steps=steps)
+    study = mount / "studies" / "full"
+    launcher = work.launch("full", mount / "studies", "--num-samples", "2", config=config, background=True)
+
+    def one_finished_one_under_way():  # Tune records a trial as finished while the next one checkpoints
+        finished = terminated_trials(study)
+        under_way = [t for t in study.glob("trial_*") if t not in finished and any(t.glob("checkpoint_*"))]
+        return finished if finished and under_way else None
+
+    finished = wait_for(one_finished_one_under_way, launcher, timeout=300, interval=0.2)
+    if not finished:
+        return Row(False, f"no trial was under way after a finished one when the disk was to fill "
+                          f"(exit {wait(launcher, 30)})")
+    kept = [t.name.split("_")[1] for t in finished]
+    filler = mount / "filler"
+    with open(filler, "wb") as f:  # another writer takes every free byte
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    tree = descendants(launcher.pid)
+    code = wait(launcher, 300)
+    left = kill_known(tree)
+    launch = one_line_failure(Outcome(code, (work.root / "full.log").read_text()), "No space left on device")
+    while_full = work.run("study.report", study)
+    filler.unlink()
+    freed = work.run("study.report", study)
+    trials = [t for t in study.glob("trial_*") if (t / "params.json").exists()]
+    rows = report_rows(study)
+    listed = freed.code == 0 and len(rows) == len(trials) >= 2
+    by_id = {row["trial_id"]: row for row in rows}
+    lost = [trial for trial in kept if by_id.get(trial, {}).get("status") != "TERMINATED"]
+    full_ok = (while_full.code == 0 and not while_full.tracebacks()[0]) or one_line_failure(while_full, "").passed
+    said = "" if while_full.code == 0 else f" ({(while_full.errors or [last_lines(while_full.output)])[0]})"
+    statuses = ", ".join(f"{row['status']} at step {row['steps'] or '?'}" for row in rows)
+    observed = (f"launch: {launch.observed}{f'; {left} processes left running' if left else ''}; "
+                f"report while full: exit {while_full.code}{said}; report after freeing space: exit {freed.code}, "
+                f"{len(rows)} of {len(trials)} trials ({statuses}); "
+                + (f"{len(lost)} of the {len(kept)} trial(s) finished before the disk filled LOST" if lost else
+                   f"the {len(kept)} trial(s) finished before the disk filled kept"))
+    return Row(launch.passed and full_ok and listed and not lost, observed)
+
+
+SCENARIOS = [  # name, what the README promises, the function that provokes it
+    ("divergence", "trainables.run: exit 2, one `error: training diverged` line, not retried", divergence),
+    ("pickled_checkpoint", "resume: exit 2, one line naming the checkpoint file; its code never runs",
+     pickled_checkpoint),
+    ("truncated_checkpoint", "resume: exit 2, one line naming the checkpoint file", truncated_checkpoint),
+    ("unwritable_storage", "study.launch: exit 2, one line, before Ray starts", unwritable_storage),
+    ("changed_dataset", "study.launch refuses: exit 2, one line, before Ray starts", changed_dataset),
+    ("truncated_dataset", "trainables.run: exit 2, one line naming the file, before Ray starts", truncated_dataset),
+    ("impossible_resources", "trainables.run --use-gpu without a GPU: exit 2, one line", impossible_resources),
+    ("second_driver", "a second launch and a `--resume` of a running study refused: exit 2, one line each; "
+     "the first finishes (exit 0)", second_driver),
+    ("killed_worker", "trainables.run continues from its checkpoint and finishes: exit 0", killed_worker),
+    ("killed_driver", "--resume: exit 0, the finished trial kept as it was, every trial in report.csv",
+     killed_driver),
+    ("storage_full", "study.launch: exit 2, one line; study.report still lists every trial", storage_full),
+]
+
+
+# --- the suite ---------------------------------------------------------------------------------------
+
+
+def cell(text: str, work: Work) -> str:
+    return text.replace(str(work.root), "$TMP").replace("|", "\\|").replace("\n", " ")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=[name for name, _, _ in SCENARIOS], help="these scenarios")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    chosen = [s for s in SCENARIOS if not args.only or s[0] in args.only]
+    root = Path(tempfile.mkdtemp(prefix="faults-"))
+    work = Work(root)
+    started = time.monotonic()
+    outcomes = []
+    try:
+        for name, expected, scenario in chosen:
+            began = time.monotonic()
+            try:
+                row = scenario(work)
+            except Exception as exc:  # the suite's own trouble: that scenario fails, the others still run
+                row = Row(False, f"suite error: {type(exc).__name__}: {exc}")
+            finally:
+                work.stop_everything()
+            outcomes.append((name, expected, row, time.monotonic() - began))
+            print(f"{name}: {'pass' if row.passed else 'not run' if row.passed is None else 'FAIL'} "
+                  f"({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        work.stop_everything()
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print("| scenario | expected | observed | result |")
+    print("|---|---|---|---|")
+    for name, expected, row, _ in outcomes:
+        result = "pass" if row.passed else "not run" if row.passed is None else "**FAIL**"
+        print(f"| {name} | {cell(expected, work)} | {cell(row.observed, work)} | {result} |")
+    failed = [name for name, _, row, _ in outcomes if row.passed is False]
+    summary = {"scenarios": len(outcomes), "passed": sum(row.passed is True for _, _, row, _ in outcomes),
+               "not_run": [name for name, _, row, _ in outcomes if row.passed is None], "failed": failed,
+               "seconds": {name: round(seconds) for name, _, _, seconds in outcomes},
+               "wall_s": round(time.monotonic() - started)}
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
