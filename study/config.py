@@ -346,7 +346,6 @@ def _check_gpu_share(res: ResourceConfig) -> None:
     share = res.gpus_per_worker
     if share is None:
         return
-    res.use_gpu = True
     if not 0 < share <= 1:
         raise StudyError(f"resources.gpus_per_worker must be in (0, 1], got {share}: a worker trains on one GPU "
                          "(more GPUs per trial: more num_workers)")

@@ -267,14 +267,14 @@ def trial_resources(config: StudyConfig, cluster_cpus: float) -> dict:
     res = config.resources
     if res.in_trial() and res.cpus_per_worker is None:
         cpus = min(1.0, max(cluster_cpus / config.search.max_concurrent, 0.05))
-        return {"num_workers": 1, "use_gpu": res.use_gpu, "gpus_per_worker": res.gpus(),
+        return {"num_workers": 1, "use_gpu": res.gpus() > 0, "gpus_per_worker": res.gpus(),
                 "cpus_per_worker": round(cpus, 3)}
     if res.cpus_per_worker is not None:
         cpus = res.cpus_per_worker
     else:
         per_trial = max(cluster_cpus - 1, 0.5) / config.search.max_concurrent - res.trial_cpus
         cpus = round(min(1.0, max(per_trial / res.num_workers, 0.05)), 3)
-    return {"num_workers": res.num_workers, "use_gpu": res.use_gpu, "gpus_per_worker": res.gpus(),
+    return {"num_workers": res.num_workers, "use_gpu": res.gpus() > 0, "gpus_per_worker": res.gpus(),
             "cpus_per_worker": cpus}
 
 
