@@ -32,6 +32,7 @@ from search_spaces.spaces import describe
 from study.claim import DriverClaim
 from study.config import StudyError, default_name, load, optuna_storage, planned_trials, select_metric, validate
 from study.storage import exists, is_uri, join, local_study, make_dirs, newest_study, storage_problem, write_bytes
+from trainables.cluster import can_grow, check_placement, connect, node_resources
 from trainables.errors import TrainConfigError
 
 USER_ERRORS = (StudyError, DataPrepError, TrainConfigError, SpaceError)
@@ -176,13 +177,22 @@ class OneLineLogs(logging.Filter):
         return True
 
 
-def check_local_resources(config, cluster: dict) -> None:
-    """A trial that needs more GPUs than this machine has would wait forever: refuse it."""
+def check_trials_fit(config, cluster: dict, nodes: list[dict]) -> None:
+    """A trial that the cluster's nodes can never hold would wait forever: refuse it (on a
+    cluster that cannot grow; see trainables/cluster.py)."""
+    from study.tune import trial_resources
+
     res = config.resources
     needed = res.gpus() * res.num_workers
     if needed and cluster.get("GPU", 0) < needed:
         raise StudyError(f"use_gpu with num_workers={res.num_workers} needs {needed:g} GPU(s) per trial; "
-                         f"this machine has {cluster.get('GPU', 0):g}")
+                         f"the cluster has {cluster.get('GPU', 0):g}")
+    resources = trial_resources(config, cluster.get("CPU", 1))
+    per_worker = {"CPU": resources["cpus_per_worker"], "GPU": resources["gpus_per_worker"]}
+    # A TorchTrainer trial's driver reserves its own share; the workers read data decoded once,
+    # by the launcher, so Ray Data's tasks need no CPU of their own then.
+    driver = {} if res.in_trial() else {"a trial's driver (resources.trial_cpus)": {"CPU": res.trial_cpus}}
+    check_placement(resources["num_workers"], per_worker, driver, nodes)
 
 
 def main(argv=None):
@@ -240,18 +250,16 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     from study.tune import build_tuner, decode_once, restore_tuner
 
     # `ray job submit` sets RAY_ADDRESS for the driver: then the study runs on that cluster.
-    local_ray = config.address is None and not os.environ.get("RAY_ADDRESS")
-    # Without --address or RAY_ADDRESS this starts a new local Ray: it never attaches to another
-    # instance it happens to find on the machine.
-    # The dashboard listens on 127.0.0.1 only; Ray Train's clean-up of its workers queries it.
-    ray.init(address=config.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
+    # Without --address or RAY_ADDRESS this starts a new local Ray, on 127.0.0.1 only: it never
+    # attaches to another instance it happens to find on the machine.
+    connect(config.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(OneLineLogs())
     cluster = ray.cluster_resources()
     cluster_cpus = cluster.get("CPU", 1)
-    if local_ray:  # a Ray started here cannot grow; a cluster's autoscaler may add GPU nodes
-        check_local_resources(config, cluster)
+    if not can_grow():  # an autoscaler may add the nodes a trial needs; a fixed cluster never will
+        check_trials_fit(config, cluster, node_resources())
     if not args.resume:
         write_study_json(study_dir, config, space, info, splits)
     print_plan(config, space, study_dir)

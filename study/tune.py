@@ -235,7 +235,7 @@ def run_trial(params: dict, *, study: dict, datasets: dict | None = None) -> Non
     fit(train_config, Resources(**study["resources"]), storage_path=study["train_runs"],
         datasets=(datasets or {}).get(train_config.split),
         name=tune.get_context().get_trial_id(), max_failures=study["max_failures"], tensorboard=False,
-        callbacks=[TuneReportCallback()], check_resources=False,  # the workers wait for an autoscaler
+        callbacks=[TuneReportCallback()], check_resources=False,  # the launcher checked, once
         verify=False)  # the launcher verified the dataset
 
 

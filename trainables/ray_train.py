@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainables.cluster import can_grow, check_placement, connect, node_resources
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError, TrainingFailed
 from trainables.loop import LoopContext, TrainData, run_or_report_failure
@@ -151,11 +152,12 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
 
     Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
-    unique per run: Ray resumes a run whose name and storage path already exist. With
-    check_resources=False the workers may wait for nodes an autoscaler has yet to add. verify=False
-    skips the dataset's checksum (a study verifies it once, before its first trial). `datasets`:
-    the split's Ray datasets as `ray_datasets` builds them, already materialized (a study decodes
-    them once for all its trials); by default they are read and decoded from the Parquet files.
+    unique per run: Ray resumes a run whose name and storage path already exist.
+    check_resources=False skips the check that the workers fit the cluster's nodes (skipped anyway
+    on a cluster an autoscaler may grow). verify=False skips the dataset's checksum (a study
+    verifies it once, before its first trial). `datasets`: the split's Ray datasets as
+    `ray_datasets` builds them, already materialized (a study decodes them once for all its
+    trials); by default they are read and decoded from the Parquet files.
 
     A failure that would recur on a retry (divergence, a refused checkpoint, bad data) is not
     retried: `fit` raises TrainingFailed with its one line. Process and node faults are retried
@@ -165,19 +167,22 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from data_prep.loading import ray_datasets, resolve
+    from data_prep.loading import DATA_TASK_CPUS, ray_datasets, resolve
 
     info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
     storage_path = prepare_storage(str(storage_path))
     if not ray.is_initialized():  # a new local Ray unless --address or RAY_ADDRESS names a cluster
-        # The dashboard listens on 127.0.0.1 only; Ray Train's clean-up of its workers queries it.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
+        connect(address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
-    if check_resources:
-        validate(config, resources, cluster.get("CPU", 0), cluster.get("GPU", 0))
-    else:
-        validate(config, resources, None, None)
+    scaling = resources.scaling_config(cluster.get("CPU", 1))
+    # A cluster an autoscaler may grow is no limit; one that cannot would make the workers wait
+    # forever for what it lacks.
+    fixed = check_resources and not can_grow()
+    validate(config, resources, cluster.get("CPU", 0) if fixed else None, cluster.get("GPU", 0) if fixed else None)
+    if fixed:
+        data_tasks = {} if datasets else {"Ray Data's tasks": {"CPU": DATA_TASK_CPUS}}
+        check_placement(resources.num_workers, scaling.resources_per_worker, data_tasks, node_resources())
     if name is None:
         from datetime import datetime
 
@@ -192,7 +197,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=resources.scaling_config(cluster.get("CPU", 1)),
+        scaling_config=scaling,
         datasets=datasets or ray_datasets(config.dataset, split.name, config.data_root, verify=False),
         dataset_config=DataConfig(datasets_to_split=["labeled", "unlabeled"]),
         run_config=RunConfig(

@@ -5,7 +5,6 @@
 """
 
 import argparse
-import os
 import sys
 from dataclasses import fields
 
@@ -72,11 +71,7 @@ def main(argv=None):
     storage, name, max_failures, address = (args.pop(k) for k in ("storage", "name", "max_failures", "address"))
     try:
         config = TrainConfig.from_dict(args)
-        # A cluster (--address, or RAY_ADDRESS under `ray job submit`) may autoscale: its current
-        # size is no limit.
-        local_ray = address is None and not os.environ.get("RAY_ADDRESS")
-        result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures,
-                     check_resources=local_ray, address=address)
+        result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures, address=address)
     except (TrainConfigError, DataPrepError, TrainingFailed) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

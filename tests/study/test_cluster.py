@@ -49,9 +49,10 @@ def _stop(temp_dir: str) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
-    """A head with 1 CPU and two worker nodes with 1 CPU each; yields (dashboard address, env)."""
+    """A head with 1 CPU and two worker nodes with 1 CPU each; yields (dashboard address, GCS
+    address, env)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-cluster-")  # short: Ray's socket paths must stay short
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -68,28 +69,30 @@ def cluster():
         for _ in range(2):
             subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *node()],
                            env=env, check=True, capture_output=True, timeout=180)
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}", env
     finally:
         _stop(temp_dir)
 
 
+STUDY = {
+    "dataset": "digits",
+    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
+    "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
+              "cap": True, "cai": True, "cadr": True},
+    "space": {"seed": {"grid": [0, 1]}},
+    "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1},
+    "scheduler": {"name": "none"},
+    "resources": {"num_workers": 2, "cpus_per_worker": 1, "trainer": "torch_trainer"},
+}
+
+
 @pytest.mark.ray
 def test_a_study_submitted_to_a_multi_node_cluster_runs_two_workers_per_trial(tmp_path, cluster):
-    address, env = cluster
+    address, _, env = cluster
     # Each worker reserves a whole CPU and every node has one, so the two workers of a trial can
     # only run on two different nodes (the trial's own driver and Ray Data share the third).
-    study = {
-        "dataset": "digits",
-        "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
-        "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
-                  "cap": True, "cai": True, "cadr": True},
-        "space": {"seed": {"grid": [0, 1]}},
-        "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1},
-        "scheduler": {"name": "none"},
-        "resources": {"num_workers": 2, "cpus_per_worker": 1, "trainer": "torch_trainer"},
-    }
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(study))
+    config.write_text(yaml.safe_dump(STUDY))
     storage, data = tmp_path / "studies", tmp_path / "data"
     argv = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
             sys.executable, "-m", "study.launch", "--config", str(config), "--storage", str(storage),
@@ -113,3 +116,31 @@ def test_a_study_submitted_to_a_multi_node_cluster_runs_two_workers_per_trial(tm
     assert (storage / "cluster" / "report.md").is_file()
     # Each trial's Train run: one worker group of 2, on the cluster the job was submitted to.
     assert len(list((storage / "cluster" / "train_runs").iterdir())) == 2
+
+
+@pytest.mark.ray
+def test_what_no_node_can_hold_is_refused_at_once_not_waited_for(tmp_path, cluster):
+    """3 CPUs in all, 1 per node: workers of 2 CPUs fit the total and no node. Ray would queue them
+    forever; the study and the run each refuse in one line before any trial or worker starts."""
+    _, gcs, env = cluster
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(STUDY))
+    storage, data = tmp_path / "studies", tmp_path / "data"
+    refusal = ("error: each worker reserves 2 CPU, more than any node of the cluster has (its 3 node(s): 1 CPU; "
+               "1 CPU; 1 CPU); reserve less, or add a larger node")
+    launch = subprocess.run(
+        [sys.executable, "-m", "study.launch", "--config", str(config), "--storage", str(storage), "--name", "big",
+         "--data-root", str(data), "--address", gcs, "--set", "resources.cpus_per_worker=2"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 2, launch.stdout[-2000:] + launch.stderr[-2000:]
+    assert launch.stderr.strip().splitlines()[-1] == refusal
+    assert "Traceback" not in launch.stderr
+    assert not (storage / "big").exists()  # nothing left looking started
+    split = next((data / "digits" / "splits").glob("*.json")).stem  # the split the launch cut
+    run = subprocess.run(
+        [sys.executable, "-m", "trainables.run", "--dataset", "digits", "--split", split, "--data-root", str(data),
+         "--num-workers", "2", "--cpus-per-worker", "2", "--storage", str(tmp_path / "runs"), "--address", gcs],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == refusal
+    assert "Traceback" not in run.stderr

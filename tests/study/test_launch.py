@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 import yaml
+from listening import listening, processes_with_env
 from tensorboard_events import scalars
 
 from search_spaces import SPACES, get_space
@@ -145,7 +146,7 @@ def test_use_gpu_on_a_local_machine_without_one_fails_before_any_trial(tmp_path,
     finally:
         ray.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: use_gpu with num_workers=1 needs {needed} GPU(s) per trial; this machine has 0"
+    assert err[-1] == f"error: use_gpu with num_workers=1 needs {needed} GPU(s) per trial; the cluster has 0"
     assert not list((tmp_path / "studies" / "gpu").glob("trial_*"))
 
 
@@ -179,12 +180,13 @@ def test_repeating_a_grid_that_sweeps_seed_is_refused(tmp_path, capsys):
                       "search.num_samples=2 repeats a grid that already sweeps seed")
 
 
-def _launch(tmp_path, name, *extra, config=None, log=None):
+def _launch(tmp_path, name, *extra, config=None, log=None, env=None):
     """Start the launcher as a subprocess; its output goes to `log` (a pipe nobody reads would
     fill up and stall it) or, when no log is given, to a pipe for communicate()."""
     argv = [sys.executable, "-m", "study.launch", "--config", config or _config(tmp_path),
             "--storage", str(tmp_path / "studies"), "--name", name, "--data-root", str(tmp_path / "data"), *extra]
-    return subprocess.Popen(argv, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def _results(trial_dir: Path) -> list[dict]:
@@ -433,13 +435,17 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
                      search__storage="sqlite:///{study}/optuna.db",
                      train={**TINY["train"], "steps": 60, "eval_every": 10})  # every trial runs its 60 steps
     log = open(tmp_path / "first-launch.log", "w")  # noqa: SIM115 (closed after the kill, below)
-    process = _launch(tmp_path, "killed", config=config, log=log)
+    # Every process of the Ray the launcher starts inherits its environment: this marks them all.
+    marker = f"STUDY_TEST_DRIVER={tmp_path.name}"
+    process = _launch(tmp_path, "killed", config=config, log=log, env=dict([marker.split("=")]))
     study = tmp_path / "studies" / "killed"
     deadline = time.time() + 400
     finished = None
+    sockets = set()  # every socket the launcher's own Ray listens on, seen while the study runs
     try:
         while time.time() < deadline and finished is None and process.poll() is None:
-            time.sleep(2)
+            time.sleep(1)
+            sockets |= set(listening(processes_with_env(marker)))
             terminated = _terminated_in_experiment_state(study)
             finished = study / terminated[0] if terminated else None
     finally:
@@ -447,6 +453,15 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
         process.wait()
         log.close()
     assert finished is not None, "no trial finished before the deadline"
+    # Local means local: all of it on the loopback interface.
+    servers = {name.rsplit("/", 1)[-1] for _, _, _, name in sockets}
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= servers, sockets
+    assert {address for address, *_ in sockets} <= {"127.0.0.1", "::1"}, sockets
+    # A killed driver leaves nothing of its Ray listening (its agents notice within a minute or so).
+    deadline = time.time() + 180
+    while (left := listening(processes_with_env(marker))) and time.time() < deadline:
+        time.sleep(2)
+    assert not left, left
     finished_results = (finished / "result.json").read_text()
 
     process = _launch(tmp_path, "killed", "--resume", config=config)
