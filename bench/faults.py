@@ -486,6 +486,195 @@ def killed_driver(work: Work) -> Row:
     return Row(passed, observed + ("" if done.code == 0 else f" ({last_lines(done.output)})"))
 
 
+def infinite_option(work: Work) -> Row:
+    split = work.run("data_prep", "split", "digits", "--kind", "lt", "--n-max", "50", "--gamma-l", "inf",
+                     "--data-root", work.data())
+    run = work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--lr", "nan", "--steps", "20",
+                   "--storage", work.root / "runs-nan")
+    rows = [one_line_failure(split, "gamma_l must be a finite number", before_ray=True),
+            one_line_failure(run, "lr must be a finite number", before_ray=True)]
+    return Row(all(row.passed for row in rows), f"--gamma-l inf: {rows[0].observed}; --lr nan: {rows[1].observed}")
+
+
+# --- Ray clusters of this suite's own, started with `ray start` ----------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A Ray cluster started with `ray start` (a head, then a node per entry of `cpus`), token
+    authentication on; every process of it holds its temp dir in its command line, which is how
+    it is stopped (never `ray stop`, which would stop other instances too)."""
+
+    def __init__(self, work: Work, cpus: list[int]):
+        import secrets
+
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay short
+        self.port, self.dashboard = free_port(), free_port()
+        self.env = {**work.env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        ray = str(Path(sys.executable).with_name("ray"))
+        for i, count in enumerate(cpus):
+            node = ["--num-cpus", str(count), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                    "--dashboard-agent-listen-port", str(free_port())]
+            head = ["--head", "--port", str(self.port), "--include-dashboard", "true", "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(self.dashboard)]
+            subprocess.run([ray, "start", *(head if i == 0 else ["--address", f"127.0.0.1:{self.port}"]), *node],
+                           env=self.env, check=True, capture_output=True, timeout=180)
+
+    def submit(self, work: Work, *argv, timeout=900) -> Outcome:
+        """`ray job submit ... -- python -m <argv>` as the README says, retried while the head's
+        agent is not yet registered (nothing has run then)."""
+        ray = str(Path(sys.executable).with_name("ray"))
+        command = [ray, "job", "submit", "--address", f"http://127.0.0.1:{self.dashboard}", "--working-dir",
+                   str(REPO), "--", sys.executable, "-m", *map(str, argv)]
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(command, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            output = done.stdout + done.stderr
+            Path(tempfile.mkstemp(dir=work.root, prefix="job-", suffix=".txt")[1]).write_text(output)
+            if "No available agent to submit job" not in output or time.monotonic() > deadline:
+                return Outcome(done.returncode, output)
+            time.sleep(2)
+
+    def stop(self) -> None:
+        for _ in range(2):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                if self.temp_dir in cmdline(int(pid)) and int(pid) != os.getpid():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            time.sleep(1)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def small_nodes_cluster(work: Work) -> Row:
+    """The shape that used to hang: nodes of 1, 1 and 2 CPUs, trials of 2 workers of 0.5 CPU each,
+    submitted with `ray job submit`; then workers no node can hold, refused at once."""
+    cluster = Cluster(work, [1, 1, 2])
+    try:
+        config = work.study_config("nodes")
+        raw = yaml.safe_load(config.read_text())
+        raw["resources"] = {"num_workers": 2, "cpus_per_worker": 0.5, "trainer": "torch_trainer"}
+        config.write_text(yaml.safe_dump(raw))
+        storage = work.root / "studies-cluster"
+        argv = ["study.launch", "--config", config, "--storage", storage, "--data-root", work.data()]
+        began = time.monotonic()
+        ran = cluster.submit(work, *argv, "--name", "nodes", timeout=600)
+        ran_s = time.monotonic() - began
+        rows = report_rows(storage / "nodes")
+        finished = ran.code == 0 and len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+        began = time.monotonic()
+        refused = cluster.submit(work, *argv, "--name", "too-big", "--set", "resources.cpus_per_worker=3",
+                                 timeout=300)
+        refused_s = time.monotonic() - began
+        # `ray job submit` streams the driver's output, then repeats its last lines in Ray's
+        # failure summary with the driver's exit code: the streamed part is what the driver said.
+        streamed, _, summary = refused.output.partition("Status message:")
+        code = re.search(r"failed with exit code (\d+)", summary)
+        row = one_line_failure(Outcome(int(code.group(1)) if code else None, streamed),
+                               "each worker reserves 3 CPU, more than any node of the cluster has")
+        refused_ok = refused.code != 0 and row.passed and not (storage / "too-big").exists()
+        observed = (f"2 workers of 0.5 CPU: job exit {ran.code}, {len(rows)} trials "
+                    f"{'all TERMINATED' if finished else 'NOT all finished'} in {ran_s:.0f} s; workers of 3 CPU: job "
+                    f"failed after {refused_s:.0f} s, the driver's {row.observed}")
+        return Row(finished and refused_ok and refused_s < 60, observed)
+    finally:
+        cluster.stop()
+
+
+def another_ray_instance(work: Work) -> Row:
+    """Another Ray runs on this machine: a run without --address starts its own and never attaches
+    to it (nor stops it)."""
+    cluster = Cluster(work, [1])
+    try:
+        done = work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", "20", "--eval-every", "10",
+                        "--storage", work.root / "runs-beside")
+        other_alive = any(cluster.temp_dir in cmdline(int(pid)) and "gcs_server" in cmdline(int(pid))
+                          for pid in filter(str.isdigit, os.listdir("/proc")))
+        own = RAY_STARTED in done.output
+        observed = (f"exit {done.code}; {'started its own Ray' if own else 'did NOT start its own Ray'}; the other "
+                    f"instance {'still runs' if other_alive else 'is GONE'}")
+        if done.code != 0:
+            observed += f" ({last_lines(done.output)})"
+        return Row(done.code == 0 and own and other_alive and not done.tracebacks()[0], observed)
+    finally:
+        cluster.stop()
+
+
+def _loopback(address: str) -> bool:
+    return address in ("127.0.0.1", "::1")
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process) of the TCP sockets in LISTEN state that `pids` own (from /proc)."""
+    import ipaddress
+
+    owners = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        owners[link[8:-1]] = pid
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owners:  # LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+                address = ipaddress.ip_address(raw)
+                address = address.ipv4_mapped or address if address.version == 6 else address
+                pid = owners[fields[9]]
+                found.append((str(address), int(fields[1].split(":")[1], 16), cmdline(pid).split(" ")[0]))
+    return found
+
+
+def local_only(work: Work) -> Row:
+    """A study's own Ray, token authentication disabled: what listens where, mid-study; then the
+    driver is killed and nothing of its Ray may go on listening."""
+    config = work.study_config("local", steps=300)
+    log = work.root / "local.log"
+    argv = ["study.launch", "--config", config, "--storage", work.root / "studies", "--name", "local",
+            "--data-root", work.data()]
+    with open(log, "w") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", *map(str, argv)], cwd=REPO, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**work.env(), "RAY_AUTH_MODE": "disabled"})
+    work.started.append(launcher)
+    seen, tree = set(), {}
+    training = lambda: "step 20/300" in log.read_text()  # noqa: E731
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and launcher.poll() is None and not training():
+        time.sleep(1)
+    for _ in range(5):  # a few looks while trials run
+        tree = {**tree, **descendants(launcher.pid)}
+        seen |= set(listening({launcher.pid, *tree}))
+        time.sleep(1)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    began, left = time.monotonic(), None
+    while time.monotonic() - began < 180:
+        left = listening(set(tree))
+        if not left:
+            break
+        time.sleep(2)
+    gone_s = time.monotonic() - began
+    kill_known(tree)
+    exposed = sorted({f"{a}:{port} ({name.rsplit('/', 1)[-1]})" for a, port, name in seen if not _loopback(a)})
+    servers = {name.rsplit("/", 1)[-1] for _, _, name in seen}
+    observed = (f"{len(seen)} listening sockets mid-study, " + (f"NOT loopback: {', '.join(exposed)}" if exposed
+                else "every one on 127.0.0.1") + "; after SIGKILL of the driver: "
+                + (f"{len(left)} still listening after {gone_s:.0f} s" if left else
+                   f"none listening after {gone_s:.0f} s"))
+    return Row(not exposed and not left and {"gcs_server", "raylet"} <= servers, observed)
+
+
 def storage_full(work: Work) -> Row:
     if os.geteuid() != 0:
         return Row(None, "not run (needs root for a small tmpfs)")
@@ -540,12 +729,29 @@ def fill_storage_mid_study(work: Work, mount: Path) -> Row:
     full_ok = (while_full.code == 0 and not while_full.tracebacks()[0]) or one_line_failure(while_full, "").passed
     said = "" if while_full.code == 0 else f" ({(while_full.errors or [last_lines(while_full.output)])[0]})"
     statuses = ", ".join(f"{row['status']} at step {row['steps'] or '?'}" for row in rows)
+    # With space again, --resume either continues (every finished trial kept as it was, the rest
+    # run to the end) or refuses in one line naming what is damaged.
+    before = {trial: by_id[trial] for trial in kept if trial in by_id}
+    resumed = work.launch("full", mount / "studies", "--resume", "--num-samples", "2", config=config)
+    after = {row["trial_id"]: row for row in report_rows(study)}
+    if resumed.code == 0:
+        same = ("status", "steps", "valid_balanced_accuracy_median_10", "test_accuracy_median_10")
+        resume_ok = (all({k: after.get(trial, {}).get(k) for k in same} == {k: row[k] for k in same}
+                         for trial, row in before.items())
+                     and all(row["status"] == "TERMINATED" and row["steps"] == str(steps) for row in after.values()))
+        found = ", ".join(f"{row['status']} at step {row['steps']}" for row in after.values())
+        resume_said = (f"exit 0, {len(after)} trials, all TERMINATED at step {steps}, the finished ones unchanged"
+                       if resume_ok else f"exit 0 but {found}")
+    else:
+        refusal = one_line_failure(resumed, "cannot resume")
+        resume_ok, resume_said = refusal.passed, refusal.observed
     observed = (f"launch: {launch.observed}{f'; {left} processes left running' if left else ''}; "
                 f"report while full: exit {while_full.code}{said}; report after freeing space: exit {freed.code}, "
                 f"{len(rows)} of {len(trials)} trials ({statuses}); "
                 + (f"{len(lost)} of the {len(kept)} trial(s) finished before the disk filled LOST" if lost else
-                   f"the {len(kept)} trial(s) finished before the disk filled kept"))
-    return Row(launch.passed and full_ok and listed and not lost, observed)
+                   f"the {len(kept)} trial(s) finished before the disk filled kept")
+                + f"; --resume: {resume_said}")
+    return Row(launch.passed and full_ok and listed and not lost and resume_ok, observed)
 
 
 SCENARIOS = [  # name, what the README promises, the function that provokes it
@@ -559,10 +765,20 @@ SCENARIOS = [  # name, what the README promises, the function that provokes it
     ("impossible_resources", "trainables.run --use-gpu without a GPU: exit 2, one line", impossible_resources),
     ("second_driver", "a second launch and a `--resume` of a running study refused: exit 2, one line each; "
      "the first finishes (exit 0)", second_driver),
+    ("infinite_option", "`data_prep split --gamma-l inf`, `trainables.run --lr nan`: exit 2, one line each, "
+     "before Ray starts", infinite_option),
+    ("small_nodes_cluster", "`ray job submit` to nodes of 1, 1 and 2 CPUs, trials of 2 workers of 0.5 CPU: "
+     "the study finishes; workers bigger than every node: refused in one line within a minute",
+     small_nodes_cluster),
+    ("another_ray_instance", "trainables.run beside another Ray instance: starts its own, exit 0, the other "
+     "untouched", another_ray_instance),
+    ("local_only", "a study's own Ray with token authentication disabled listens on 127.0.0.1 only; a "
+     "SIGKILLed driver leaves nothing listening", local_only),
     ("killed_worker", "trainables.run continues from its checkpoint and finishes: exit 0", killed_worker),
     ("killed_driver", "--resume: exit 0, the finished trial kept as it was, every trial in report.csv",
      killed_driver),
-    ("storage_full", "study.launch: exit 2, one line; study.report still lists every trial", storage_full),
+    ("storage_full", "study.launch: exit 2, one line; study.report still lists every trial, the finished ones "
+     "kept; with space again, --resume finishes the study or refuses in one line", storage_full),
 ]
 
 

@@ -12,10 +12,12 @@ the CAI thresholds with CADR, plus the FixMatch baseline and CADR at the paper's
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -36,6 +38,7 @@ from trainables.cluster import can_grow, check_placement, connect, node_resource
 from trainables.errors import TrainConfigError
 
 USER_ERRORS = (StudyError, DataPrepError, TrainConfigError, SpaceError)
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # the storage, not the study, failed
 
 
 def build_parser():
@@ -195,6 +198,51 @@ def check_trials_fit(config, cluster: dict, nodes: list[dict]) -> None:
     check_placement(resources["num_workers"], per_worker, driver, nodes)
 
 
+def storage_failure(study_dir: str, exc: BaseException | None = None) -> str | None:
+    """Why the study's storage failed, or None: it cannot take a small write now, the failure
+    (`exc`, or one it was raised from) is a full, read-only or failing disk, or a file of Tune's
+    state that a resume reads is empty or cut short (Tune logs a failed upload and goes on)."""
+    from study.tune import damaged_state
+
+    problem = storage_problem(study_dir) or disk_error(exc)
+    if problem is None:
+        damaged = damaged_state(study_dir)
+        problem = "a file of Tune's state was left empty or cut short" if damaged else None
+    return problem
+
+
+def disk_error(exc: BaseException | None) -> str | None:
+    """The strerror of a full, read-only or failing disk among `exc` and what it was raised
+    from (a Ray task's error included), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return os.strerror(exc.errno)  # pyarrow's strerror holds its own detail too
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    return None
+
+
+class DiskErrorWatch(logging.Handler):
+    """Remembers the first full, read-only or failing disk in what Ray logs (Tune logs a failed
+    upload of its experiment state, with the exception, and goes on) and, while `stopping`, stops
+    the study as Ctrl+C would: Tune ends its loop and saves its state, the unfinished trials stay
+    unfinished, and --resume continues them. (Tune stops the same way on SIGUSR1, whose handler it
+    installs whatever TUNE_DISABLE_SIGINT_HANDLER says.)"""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.problem = None
+        self.stopping = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.problem is None and record.exc_info:
+            self.problem = disk_error(record.exc_info[1])
+            tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            if self.problem and self.stopping and tune_listens:  # (else SIGUSR1 would end the process)
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.list_spaces:
@@ -274,18 +322,33 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     # deletes and unpacks again when the trials' workers start; Tune's last bookkeeping then fails
     # on a current directory that no longer exists. Every path the study uses is absolute by now.
     os.chdir(tempfile.gettempdir())
+    watch = DiskErrorWatch()  # first: OneLineLogs drops the exception from the record
+    logging.getLogger("ray").handlers.insert(0, watch)
     try:
+        watch.stopping = True
         tuner.fit()
-    except Exception:
-        problem = storage_problem(study_dir)
+        watch.stopping = False
+        ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
+        problem = watch.problem or storage_failure(study_dir)
         if problem is None:
-            raise  # a bug: its traceback is the report
-        raise StudyError(f"the storage of study {study_dir} failed mid-study ({problem}): fix it or free space, "
-                         "then continue with --resume (finished trials whose files survived are kept; the report marks "
-                         "any whose results were lost)") from None
-    ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
-    with local_study(study_dir) as local:
-        report = write_report(local)
+            with local_study(study_dir) as local:
+                report = write_report(local)
+    except Exception as exc:
+        problem = watch.problem or storage_failure(study_dir, exc)
+        if problem is None:
+            raise  # a bug (its traceback is the report), or a user error's one line
+    finally:
+        logging.getLogger("ray").removeHandler(watch)
+    if problem is not None:
+        from study.tune import damaged_state
+
+        damaged = damaged_state(study_dir)
+        then = (f"Tune's state {damaged} was cut short, so the study cannot be resumed: once there is space, "
+                "`python -m study.report` lists every trial (the finished ones kept), and the study can run again "
+                "under another --name" if damaged else
+                "fix it or free space, then continue with --resume (finished trials are not run again; "
+                "`python -m study.report` lists every trial and marks any whose results were lost)")
+        raise StudyError(f"the storage of study {study_dir} failed mid-study ({problem}); {then}")
     print(format_table(report))
     print(f"\nreport: {join(study_dir, 'report.md')}")
     # TensorBoard reads paths, gs:// and s3:// (with their extras; an S3 endpoint from S3_ENDPOINT).

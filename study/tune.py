@@ -25,7 +25,7 @@ from data_prep.parquet import open_dataset
 from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, optuna_storage, planned_trials, split_spec, trial_overrides
-from study.storage import ERRORS, filesystem, join, split_uri
+from study.storage import ERRORS, filesystem, join, make_dirs, split_uri, write_bytes
 from study.tensorboard import StudyTensorBoard
 from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit, quiet_ray_logs
@@ -130,6 +130,39 @@ class KeepResumableCheckpoints(tune.Callback):
                 except ERRORS:
                     continue  # kept: tried again at the next checkpoint
                 names.remove(name)
+
+
+FINISHED = "finished"  # <study>/finished/<trial id>.json: the study's own record of each ended trial
+
+
+def _plain(value):
+    """For json.dumps: numpy scalars as numbers, anything else unknown as its text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+class RecordEndedTrials(tune.Callback):
+    """Write each trial's parameters, status and last result, whole (temporary name, then moved),
+    to <study>/finished/<trial id>.json the moment it ends. Tune uploads its own copies of
+    params.json and result.json again at every sync, overwriting them in place: when the storage
+    fills up, a finished trial's files can be left empty. The study's record is written when the
+    trial ends (again only if a resume runs it again), so the report still has what the trial
+    reached (study/report/trials.py)."""
+
+    def __init__(self, study_dir: str):
+        self.study_dir = study_dir
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._record(trial, "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record(trial, "ERROR")
+
+    def _record(self, trial, status: str) -> None:
+        record = {"trial_id": trial.trial_id, "status": status, "params": trial.config,
+                  "last_result": {k: v for k, v in (trial.last_result or {}).items() if k != "config"}}
+        text = json.dumps(record, default=_plain, allow_nan=True)
+        make_dirs(join(self.study_dir, FINISHED))
+        write_bytes(join(self.study_dir, FINISHED, f"{trial.trial_id}.json"), text.encode())
 
 
 def _checkpoint_names(fs, directory: str) -> list[str]:
@@ -348,7 +381,8 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     # Tune keeps every checkpoint (num_to_keep=None): KeepResumableCheckpoints deletes the old ones.
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures, verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                                callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP), *loggers])
+                                callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP),
+                                           RecordEndedTrials(study_dir), *loggers])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 

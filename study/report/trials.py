@@ -106,16 +106,25 @@ def load_trials(study_dir) -> list[TrialRecord]:
     ERROR if it left an error file, TERMINATED if its last result is final, RUNNING if it has
     results and PENDING if not. Trials Tune lists but has not started have no directory. A trial
     that ran (it has checkpoints) but whose result or parameter file is empty or unreadable, as a
-    failed storage leaves them, is listed as LOST: never dropped silently."""
+    failed storage leaves them, is listed as LOST: never dropped silently. A trial that ended has
+    the launcher's own record too (<study>/finished/): its parameters and last result stand in for
+    Tune's files when those were cut short."""
     study_dir = Path(study_dir)
     states = _experiment_state(study_dir)
     by_dir = {state.get("relative_logdir"): state for state in states if state.get("relative_logdir")}
     planned_steps = _study_json(study_dir).get("config", {}).get("train", {}).get("steps")
     trials, seen = [], set()
+    ended = _ended_records(study_dir)
     for path in sorted(p for p in _subdirs(study_dir) if (p / "params.json").is_file()):
         params = _read_json(path / "params.json")
         results = _read_results(path / "result.json")
         ran = any(path.glob("checkpoint_*"))
+        record = ended.get(_trial_id(path.name, results))
+        if record is not None:  # Tune's copies may have been cut short since: the record is whole
+            params = params if isinstance(params, dict) else record["params"]
+            last_step = record["last_result"].get("step")
+            results = [r for r in results if last_step is None or r.get("step", 0) < last_step]
+            results.append(record["last_result"])
         if params is None and not ran:  # being written
             continue
         error = _error_line(path)
@@ -127,7 +136,8 @@ def load_trials(study_dir) -> list[TrialRecord]:
             continue
         state = by_dir.get(path.name)
         trial_id = (state or {}).get("trial_id") or _trial_id(path.name, results)
-        status = state["status"] if state and state.get("status") else _inferred_status(results, error, planned_steps)
+        status = (state["status"] if state and state.get("status") else record["status"] if record is not None
+                  else _inferred_status(results, error, planned_steps))
         if results and results[-1].get(FATAL_ERROR):  # a failure that would recur ended the trial
             status, error = "ERROR", str(results[-1][FATAL_ERROR])
         trials.append(TrialRecord(trial_id, _flat_params(params), status, results, path, error))
@@ -137,6 +147,18 @@ def load_trials(study_dir) -> list[TrialRecord]:
             trials.append(TrialRecord(state["trial_id"], _flat_params(state.get("config") or {}),
                                       state.get("status") or "PENDING"))
     return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _ended_records(study_dir: Path) -> dict[str, dict]:
+    """{trial id: record} from <study>/finished/, the launcher's own record of each trial as it
+    ended (study/tune.py, RecordEndedTrials); a record that does not parse is ignored."""
+    records = {}
+    for path in sorted((study_dir / "finished").glob("*.json")):
+        record = _read_json(path)
+        if (isinstance(record, dict) and isinstance(record.get("params"), dict)
+                and isinstance(record.get("last_result"), dict)):
+            records[path.stem] = record
+    return records
 
 
 def _flat_params(params: dict) -> dict:

@@ -455,7 +455,7 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     assert finished is not None, "no trial finished before the deadline"
     # Local means local: all of it on the loopback interface.
     servers = {name.rsplit("/", 1)[-1] for _, _, _, name in sockets}
-    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= servers, sockets
+    assert {"gcs_server", "raylet"} <= servers, sockets  # (Python processes may not have their titles yet)
     assert {address for address, *_ in sockets} <= {"127.0.0.1", "::1"}, sockets
     # A killed driver leaves nothing of its Ray listening (its agents notice within a minute or so).
     deadline = time.time() + 180

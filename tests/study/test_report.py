@@ -20,6 +20,7 @@ from study.config import StudyError
 from study.report import TrialRecord, build_report, compare_to_baseline, load_trials, write_report
 from study.report.__main__ import main
 from study.report.ranking import _grid_parameters, _groups
+from study.tune import RecordEndedTrials
 
 pytestmark = pytest.mark.ray
 
@@ -95,7 +96,8 @@ def study_dir(tmp_path_factory):
             tune.with_resources(fake_training, {"CPU": 0.2}),
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), stop=stop_one_trial, verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), stop=stop_one_trial, verbose=0,
+                                      callbacks=[RecordEndedTrials(str(storage / name))]),  # as the launcher does
         )
         tuner.fit()
     finally:
@@ -336,6 +338,7 @@ def test_plots_are_valid_pngs_for_per_class_history_and_each_numeric_swept_param
 
 
 def test_rebuilding_while_trials_are_still_writing_uses_the_complete_lines(study_copy):
+    shutil.rmtree(study_copy / "finished")  # still running: no trial has ended yet
     trial_dirs = {key_of(json.loads(p.read_text())): p.parent for p in study_copy.glob("*/params.json")}
     writing = trial_dirs[("cadr", 1)] / "result.json"
     lines = writing.read_text().splitlines(keepends=True)
@@ -424,9 +427,28 @@ def test_cli_refuses_a_directory_that_is_not_a_study_with_one_line_and_exit_2(tm
     assert not (tmp_path / "report.md").exists()
 
 
+def test_a_finished_trial_whose_files_a_storage_failure_emptied_keeps_its_last_result(study_copy):
+    before = {row["trial_id"]: row for row in (write_report(study_copy), read_csv(study_copy))[1]}
+    trial_dirs = {key_of(json.loads(p.read_text())): p.parent for p in study_copy.glob("*/params.json")}
+    for key, cut in ((("cadr", 1), 0), (("cap", 0), 2)):  # emptied; cut after two results
+        lines = (trial_dirs[key] / "result.json").read_text().splitlines(keepends=True)
+        (trial_dirs[key] / "result.json").write_text("".join(lines[:cut]))  # what a full disk leaves
+        (trial_dirs[key] / "params.json").write_text("")
+        (trial_dirs[key] / "checkpoint_000001").mkdir()  # it ran
+    for state in study_copy.glob("experiment_state-*.json"):
+        state.write_text("")  # and the state Tune uploads with them
+    write_report(study_copy)
+    after = {row["trial_id"]: row for row in read_csv(study_copy)}
+    assert after == before  # every column: parameters, status, steps and metrics from the study's record
+    records = {p.stem: json.loads(p.read_text()) for p in (study_copy / "finished").glob("*.json")}
+    assert {tid: r["status"] for tid, r in records.items()} == {tid: row["status"] for tid, row in before.items()}
+
+
 def test_a_trial_whose_result_files_a_storage_failure_emptied_is_listed_as_lost(study_copy):
     trial_dirs = {key_of(json.loads(p.read_text())): p.parent for p in study_copy.glob("*/params.json")}
     lost = trial_dirs[("cadr", 1)]
+    trial_id = json.loads((lost / "result.json").read_text().splitlines()[0])["trial_id"]
+    (study_copy / "finished" / f"{trial_id}.json").unlink()  # it ended on a full disk: no record either
     (lost / "result.json").write_text("")  # what a full disk leaves
     (lost / "params.json").write_text("")
     (lost / "checkpoint_000001").mkdir()  # it ran

@@ -1,5 +1,6 @@
 """Study storage paths and files, local and through pyarrow's filesystem (file:// URIs)."""
 
+import errno
 import os
 
 import pytest
@@ -48,3 +49,49 @@ def test_a_storage_that_cannot_take_a_write_says_why(tmp_path):
     assert storage_problem(str(tmp_path)) is None
     assert list(tmp_path.iterdir()) == [blocker]  # the probe is gone
     assert storage_problem(str(blocker / "study")) == "Not a directory"
+
+
+def _raised(*chain: BaseException) -> BaseException:
+    """The last exception of `chain`, each raised while handling the one before, as Ray and the
+    study raise them: a Tune error from a study error (raised `from None`) from the disk's own."""
+    def throw(i):
+        if i == 0:
+            raise chain[0]
+        try:
+            throw(i - 1)
+        except BaseException as inner:
+            raise chain[i] from (inner if isinstance(chain[i], RuntimeError) else None)
+
+    try:
+        throw(len(chain) - 1)
+    except BaseException as exc:  # noqa: BLE001 (returned for the test)
+        return exc
+
+
+def test_a_full_disk_is_found_however_deep_the_failure_was_raised_from():
+    from study.launch import disk_error
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_error(_raised(full, StudyError("cannot write x"), RuntimeError("Tune failed"))) == \
+        "No space left on device"
+    assert disk_error(_raised(OSError(errno.EROFS, "Read-only file system"), EOFError())) == "Read-only file system"
+    assert disk_error(_raised(OSError(errno.ENOENT, "No such file or directory"), EOFError())) is None
+    assert disk_error(EOFError("Ran out of input")) is None and disk_error(None) is None
+
+
+def test_a_study_whose_storage_failed_says_why_and_a_whole_one_does_not(tmp_path):
+    from study.launch import storage_failure
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "tuner.pkl").write_bytes(b"whole")
+    (study / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    assert storage_failure(str(study)) is None
+    assert storage_failure(str(study), EOFError("Ran out of input")) is None  # a bug: its traceback stays
+    full = _raised(OSError(errno.ENOSPC, "No space left on device"), EOFError("Ran out of input"))
+    assert storage_failure(str(study), full) == "No space left on device"
+    (study / "experiment_state-2026-01-02_00-00-00.json").write_text('{"trial_da')  # an upload cut short
+    assert storage_failure(str(study)) == "a file of Tune's state was left empty or cut short"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert storage_failure(str(blocker / "study")) == "Not a directory"
