@@ -180,7 +180,7 @@ class OneLineLogs(logging.Filter):
         return True
 
 
-def check_trials_fit(config, cluster: dict, nodes: list[dict]) -> None:
+def check_trials_fit(config, cluster: dict, nodes: list[dict], local: bool) -> None:
     """A trial that the cluster's nodes can never hold would wait forever: refuse it (on a
     cluster that cannot grow; see trainables/cluster.py)."""
     from study.tune import trial_resources
@@ -195,7 +195,7 @@ def check_trials_fit(config, cluster: dict, nodes: list[dict]) -> None:
     # A TorchTrainer trial's driver reserves its own share; the workers read data decoded once,
     # by the launcher, so Ray Data's tasks need no CPU of their own then.
     driver = {} if res.in_trial() else {"a trial's driver (resources.trial_cpus)": {"CPU": res.trial_cpus}}
-    check_placement(resources["num_workers"], per_worker, driver, nodes)
+    check_placement(resources["num_workers"], per_worker, driver, nodes, local)
 
 
 def storage_failure(study_dir: str, exc: BaseException | None = None) -> str | None:
@@ -224,11 +224,14 @@ def disk_error(exc: BaseException | None) -> str | None:
 
 
 class DiskErrorWatch(logging.Handler):
-    """Remembers the first full, read-only or failing disk in what Ray logs (Tune logs a failed
-    upload of its experiment state, with the exception, and goes on) and, while `stopping`, stops
-    the study as Ctrl+C would: Tune ends its loop and saves its state, the unfinished trials stay
-    unfinished, and --resume continues them. (Tune stops the same way on SIGUSR1, whose handler it
-    installs whatever TUNE_DISABLE_SIGINT_HANDLER says.)"""
+    """Remembers the first full, read-only or failing disk in a failed save of Tune's experiment
+    state (Tune logs it, with the exception, and goes on) and, while `stopping`, stops the study
+    as Ctrl+C would: Tune ends its loop and saves its state, the unfinished trials stay unfinished,
+    and --resume continues them. (Tune stops the same way on SIGUSR1, whose handler it installs
+    whatever TUNE_DISABLE_SIGINT_HANDLER says.) A trial's own failures, a full node-local disk
+    among them, are the trial's: Tune retries it and the report lists it."""
+
+    SAVES = ("ray.tune.execution.experiment_state", "ray.tune.tune")  # where Tune logs a failed save
 
     def __init__(self):
         super().__init__(logging.ERROR)
@@ -236,7 +239,7 @@ class DiskErrorWatch(logging.Handler):
         self.stopping = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.problem is None and record.exc_info:
+        if self.problem is None and record.exc_info and record.name in self.SAVES:
             self.problem = disk_error(record.exc_info[1])
             tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
             if self.problem and self.stopping and tune_listens:  # (else SIGUSR1 would end the process)
@@ -300,14 +303,14 @@ def _drive(args, config, space, study_dir, info, splits) -> int:
     # `ray job submit` sets RAY_ADDRESS for the driver: then the study runs on that cluster.
     # Without --address or RAY_ADDRESS this starts a new local Ray, on 127.0.0.1 only: it never
     # attaches to another instance it happens to find on the machine.
-    connect(config.address)
+    local = connect(config.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray").handlers:
         handler.addFilter(OneLineLogs())
     cluster = ray.cluster_resources()
     cluster_cpus = cluster.get("CPU", 1)
-    if not can_grow():  # an autoscaler may add the nodes a trial needs; a fixed cluster never will
-        check_trials_fit(config, cluster, node_resources())
+    if local or not can_grow():  # an autoscaler may add the nodes a trial needs; a fixed cluster never will
+        check_trials_fit(config, cluster, node_resources(), local)
     if not args.resume:
         write_study_json(study_dir, config, space, info, splits)
     print_plan(config, space, study_dir)

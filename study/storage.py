@@ -93,14 +93,20 @@ def write_bytes(location: str, data: bytes) -> None:
             raise StudyError(f"cannot write {location}: {exc.strerror or exc}{WRITE_AGAIN}") from None
         return
     fs, path = filesystem(location)
-    parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.{os.getpid()}.tmp"
     try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
+        write_whole(fs, path, data)
     except ERRORS as exc:
         raise StudyError(f"cannot write {location}: {exc}{WRITE_AGAIN}") from None
+
+
+def write_whole(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file on a pyarrow filesystem whole: to a temporary name beside it, then moved into
+    place (a rename on local disks; on object stores the object appears complete or not at all)."""
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{os.getpid()}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
 
 
 def storage_problem(location: str, probe_bytes: int = 1 << 16) -> str | None:

@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import posixpath
+import sys
 
 import pyarrow.fs as pafs
 from ray import tune
@@ -25,7 +26,7 @@ from data_prep.parquet import open_dataset
 from data_prep.splits import load_split, make_split, save_split, split_path
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig, StudyError, optuna_storage, planned_trials, split_spec, trial_overrides
-from study.storage import ERRORS, filesystem, join, make_dirs, split_uri, write_bytes
+from study.storage import ERRORS, filesystem, join, split_uri, write_whole
 from study.tensorboard import StudyTensorBoard
 from trainables.config import TrainConfig
 from trainables.ray_train import Resources, fit, quiet_ray_logs
@@ -136,8 +137,14 @@ FINISHED = "finished"  # <study>/finished/<trial id>.json: the study's own recor
 
 
 def _plain(value):
-    """For json.dumps: numpy scalars as numbers, anything else unknown as its text."""
-    return value.item() if hasattr(value, "item") else str(value)
+    """For json.dumps: numpy scalars and arrays (and tensors) as numbers and lists, anything else
+    unknown as its text."""
+    for convert in ("item", "tolist"):
+        try:
+            return getattr(value, convert)()
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            continue
+    return str(value)
 
 
 class RecordEndedTrials(tune.Callback):
@@ -148,9 +155,6 @@ class RecordEndedTrials(tune.Callback):
     trial ends (again only if a resume runs it again), so the report still has what the trial
     reached (study/report/trials.py)."""
 
-    def __init__(self, study_dir: str):
-        self.study_dir = study_dir
-
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trial, "TERMINATED")
 
@@ -158,11 +162,19 @@ class RecordEndedTrials(tune.Callback):
         self._record(trial, "ERROR")
 
     def _record(self, trial, status: str) -> None:
+        """Best effort: a record that cannot be written is said on the console, and Tune goes on
+        (its own save on the same storage fails too, and the launcher stops the study then)."""
         record = {"trial_id": trial.trial_id, "status": status, "params": trial.config,
                   "last_result": {k: v for k, v in (trial.last_result or {}).items() if k != "config"}}
-        text = json.dumps(record, default=_plain, allow_nan=True)
-        make_dirs(join(self.study_dir, FINISHED))
-        write_bytes(join(self.study_dir, FINISHED, f"{trial.trial_id}.json"), text.encode())
+        # Where Tune keeps the study now (a resumed study may have moved since it started).
+        fs, directory = trial.storage.storage_filesystem, posixpath.join(trial.storage.experiment_fs_path, FINISHED)
+        try:
+            fs.create_dir(directory, recursive=True)
+            write_whole(fs, posixpath.join(directory, f"{trial.trial_id}.json"),
+                        json.dumps(record, default=_plain, allow_nan=True).encode())
+        except ERRORS as exc:
+            print(f"warning: trial {trial.trial_id} ended {status}, but its record in {directory} could not be "
+                  f"written ({exc})", file=sys.stderr)
 
 
 def _checkpoint_names(fs, directory: str) -> list[str]:
@@ -382,7 +394,7 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures, verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                                 callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP),
-                                           RecordEndedTrials(study_dir), *loggers])
+                                           RecordEndedTrials(), *loggers])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -407,12 +419,13 @@ def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float, data
 
 def damaged_state(study_dir: str) -> str | None:
     """The first of Tune's files a resume reads that is empty or not whole (the newest experiment
-    state must parse as JSON), or None. Nothing is unpickled to check."""
+    state must parse as JSON), or None, also when the study cannot be listed (an unreachable
+    storage says so itself). Nothing is unpickled to check."""
     fs, path = filesystem(study_dir)
     try:
         files = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(path))}
     except ERRORS:
-        return study_dir
+        return None
     states = sorted(name for name in files if name.startswith("experiment_state-") and name.endswith(".json"))
     searchers = sorted(name for name in files if name.startswith("searcher-state-"))
     for name in ["tuner.pkl", *states[-1:], *searchers[-1:]]:

@@ -47,11 +47,16 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
+GROWS = "STUDY_CLUSTER_GROWS"  # =1: an autoscaler adds nodes that `can_grow` does not see
+
+
 def can_grow() -> bool:
-    """Whether an autoscaler may add nodes: a cluster started by Ray's cluster launcher (its
-    bootstrap config on the head) or one whose autoscaler published its node types (KubeRay,
-    autoscaler v2). A cluster that cannot grow is judged by the nodes it has."""
-    if Path("~/ray_bootstrap_config.yaml").expanduser().exists():
+    """Whether an autoscaler may add nodes to the connected cluster: one started by Ray's cluster
+    launcher (its bootstrap config on the head, where `ray job submit` runs the driver), one whose
+    autoscaler published its node types (autoscaler v2, as on KubeRay with v2), or one the user
+    says grows (STUDY_CLUSTER_GROWS=1: e.g. KubeRay's v1 autoscaler, which publishes none). A
+    cluster that cannot grow is judged by the nodes it has."""
+    if os.environ.get(GROWS) == "1" or Path("~/ray_bootstrap_config.yaml").expanduser().exists():
         return True
     from ray._private.state import state
 
@@ -72,18 +77,21 @@ def _describe(resources: dict) -> str:
     return ", ".join(f"{value:g} {key}" for key, value in resources.items() if value) or "nothing"
 
 
-def check_placement(workers: int, per_worker: dict, others: dict[str, dict], nodes: list[dict]) -> None:
+def check_placement(workers: int, per_worker: dict, others: dict[str, dict], nodes: list[dict],
+                    local: bool = False) -> None:
     """Refuse what these nodes can never hold at once: `workers` reservations of `per_worker`
     ({"CPU": c, "GPU": g}) and one each of `others` (name -> reservation: a trial's driver, Ray
     Data's tasks). Only necessary conditions are checked (each reservation fits some node, the
     workers fit the nodes together, the totals fit the cluster), so nothing that could be placed
-    is ever refused. TrainConfigError names what does not fit and what the nodes have."""
+    is ever refused. TrainConfigError names what does not fit and what the nodes have (and, on a
+    cluster not started here, how to say that an autoscaler will add nodes)."""
+    grows = "" if local else f" (if an autoscaler will add nodes, set {GROWS}=1)"
     tolerance = 1e-6  # Ray counts resources in units of 1e-4
     listed = "; ".join(_describe(node) for node in nodes[:8]) + ("; ..." if len(nodes) > 8 else "")
     for name, need in {"each worker": per_worker, **others}.items():
         if not any(all(node.get(k, 0.0) + tolerance >= v for k, v in need.items()) for node in nodes):
             raise TrainConfigError(f"{name} reserves {_describe(need)}, more than any node of the cluster has "
-                                   f"(its {len(nodes)} node(s): {listed}); reserve less, or add a larger node")
+                                   f"(its {len(nodes)} node(s): {listed}); reserve less, or add a larger node{grows}")
 
     def fits(node):
         return min((math.floor(node.get(k, 0.0) / v + tolerance) for k, v in per_worker.items() if v > 0),
@@ -92,11 +100,12 @@ def check_placement(workers: int, per_worker: dict, others: dict[str, dict], nod
     if sum(fits(node) for node in nodes) < workers:
         raise TrainConfigError(f"{workers} workers of {_describe(per_worker)} each do not fit on the cluster's "
                                f"nodes at once (its {len(nodes)} node(s): {listed}); use fewer workers, reserve "
-                               "less per worker, or add nodes")
+                               f"less per worker, or add nodes{grows}")
     for key in ("CPU", "GPU"):
         total = workers * per_worker.get(key, 0.0) + sum(need.get(key, 0.0) for need in others.values())
         have = sum(node.get(key, 0.0) for node in nodes)
         if total > have + tolerance:
-            parts = ", ".join([f"{workers} worker(s)", *others])
+            parts = [f"{workers} worker(s)", *others]
+            parts = " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else parts[0]
             raise TrainConfigError(f"{parts} reserve {total:g} {key} together; the cluster has {have:g} "
-                                   f"(its {len(nodes)} node(s): {listed}); reserve less, or add nodes")
+                                   f"(its {len(nodes)} node(s): {listed}); reserve less, or add nodes{grows}")

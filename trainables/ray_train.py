@@ -50,8 +50,6 @@ def validate(config: TrainConfig, resources: Resources, cluster_cpus: float | No
                                "the global batch is split evenly across workers")
     if cluster_cpus is None:
         return
-    if workers > cluster_cpus:
-        raise TrainConfigError(f"num_workers={workers} exceeds the cluster's {cluster_cpus:g} CPUs")
     if resources.use_gpu and workers * resources.gpus_per_worker > cluster_gpus:
         raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers * resources.gpus_per_worker:g} "
                                f"GPUs; the cluster has {cluster_gpus:g}")
@@ -171,18 +169,19 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
 
     info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
     storage_path = prepare_storage(str(storage_path))
-    if not ray.is_initialized():  # a new local Ray unless --address or RAY_ADDRESS names a cluster
-        connect(address)
+    validate(config, resources, None, None)
+    # A new local Ray unless --address or RAY_ADDRESS names a cluster.
+    local = connect(address) if not ray.is_initialized() else False
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
     scaling = resources.scaling_config(cluster.get("CPU", 1))
     # A cluster an autoscaler may grow is no limit; one that cannot would make the workers wait
     # forever for what it lacks.
-    fixed = check_resources and not can_grow()
-    validate(config, resources, cluster.get("CPU", 0) if fixed else None, cluster.get("GPU", 0) if fixed else None)
+    fixed = check_resources and (local or not can_grow())
     if fixed:
+        validate(config, resources, cluster.get("CPU", 0), cluster.get("GPU", 0))
         data_tasks = {} if datasets else {"Ray Data's tasks": {"CPU": DATA_TASK_CPUS}}
-        check_placement(resources.num_workers, scaling.resources_per_worker, data_tasks, node_resources())
+        check_placement(resources.num_workers, scaling.resources_per_worker, data_tasks, node_resources(), local)
     if name is None:
         from datetime import datetime
 

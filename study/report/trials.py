@@ -119,12 +119,11 @@ def load_trials(study_dir) -> list[TrialRecord]:
         params = _read_json(path / "params.json")
         results = _read_results(path / "result.json")
         ran = any(path.glob("checkpoint_*"))
-        record = ended.get(_trial_id(path.name, results))
-        if record is not None:  # Tune's copies may have been cut short since: the record is whole
+        record = _behind(ended.get(_trial_id(path.name, results)), params, results)
+        if record is not None:  # Tune's copies were cut short after the trial ended: the record is whole
             params = params if isinstance(params, dict) else record["params"]
-            last_step = record["last_result"].get("step")
-            results = [r for r in results if last_step is None or r.get("step", 0) < last_step]
-            results.append(record["last_result"])
+            reached = record["last_result"]["training_iteration"]
+            results = [r for r in results if r.get("training_iteration", 0) < reached] + [record["last_result"]]
         if params is None and not ran:  # being written
             continue
         error = _error_line(path)
@@ -149,6 +148,16 @@ def load_trials(study_dir) -> list[TrialRecord]:
     return sorted(trials, key=lambda t: t.trial_id)
 
 
+def _behind(record: dict | None, params, results: list[dict]) -> dict | None:
+    """The trial's record, if Tune's files are behind it (an empty or unreadable params.json, or
+    results that stop before the record's last one), else None: a resumed trial's files go on
+    past the record of how it ended before."""
+    if record is None:
+        return None
+    reached = max((r.get("training_iteration", 0) for r in results), default=0)
+    return record if not isinstance(params, dict) or reached < record["last_result"]["training_iteration"] else None
+
+
 def _ended_records(study_dir: Path) -> dict[str, dict]:
     """{trial id: record} from <study>/finished/, the launcher's own record of each trial as it
     ended (study/tune.py, RecordEndedTrials); a record that does not parse is ignored."""
@@ -156,7 +165,8 @@ def _ended_records(study_dir: Path) -> dict[str, dict]:
     for path in sorted((study_dir / "finished").glob("*.json")):
         record = _read_json(path)
         if (isinstance(record, dict) and isinstance(record.get("params"), dict)
-                and isinstance(record.get("last_result"), dict)):
+                and isinstance(record.get("last_result"), dict)
+                and isinstance(record["last_result"].get("training_iteration"), int)):
             records[path.stem] = record
     return records
 

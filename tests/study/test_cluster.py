@@ -127,7 +127,8 @@ def test_what_no_node_can_hold_is_refused_at_once_not_waited_for(tmp_path, clust
     config.write_text(yaml.safe_dump(STUDY))
     storage, data = tmp_path / "studies", tmp_path / "data"
     refusal = ("error: each worker reserves 2 CPU, more than any node of the cluster has (its 3 node(s): 1 CPU; "
-               "1 CPU; 1 CPU); reserve less, or add a larger node")
+               "1 CPU; 1 CPU); reserve less, or add a larger node (if an autoscaler will add nodes, set "
+               "STUDY_CLUSTER_GROWS=1)")
     launch = subprocess.run(
         [sys.executable, "-m", "study.launch", "--config", str(config), "--storage", str(storage), "--name", "big",
          "--data-root", str(data), "--address", gcs, "--set", "resources.cpus_per_worker=2"],

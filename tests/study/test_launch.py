@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -436,7 +437,7 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
                      train={**TINY["train"], "steps": 60, "eval_every": 10})  # every trial runs its 60 steps
     log = open(tmp_path / "first-launch.log", "w")  # noqa: SIM115 (closed after the kill, below)
     # Every process of the Ray the launcher starts inherits its environment: this marks them all.
-    marker = f"STUDY_TEST_DRIVER={tmp_path.name}"
+    marker = f"STUDY_TEST_DRIVER={uuid.uuid4().hex}"
     process = _launch(tmp_path, "killed", config=config, log=log, env=dict([marker.split("=")]))
     study = tmp_path / "studies" / "killed"
     deadline = time.time() + 400

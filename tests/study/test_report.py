@@ -97,7 +97,7 @@ def study_dir(tmp_path_factory):
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), stop=stop_one_trial, verbose=0,
-                                      callbacks=[RecordEndedTrials(str(storage / name))]),  # as the launcher does
+                                      callbacks=[RecordEndedTrials()]),  # as the launcher does
         )
         tuner.fit()
     finally:
@@ -207,6 +207,7 @@ def test_early_stopped_trial_is_terminated_with_fewer_steps(study_dir):
 def test_without_experiment_state_statuses_are_inferred_from_the_files(study_copy):
     for state in study_copy.glob("experiment_state-*.json"):
         state.unlink()
+    shutil.rmtree(study_copy / "finished")  # nor the launcher's records: from the trials' files alone
     statuses = {key_of(t.params): t.status for t in load_trials(study_copy)}
     assert statuses[FAILING] == "ERROR"
     assert statuses[("cadr", 1)] == statuses[("fixmatch", 0)] == "TERMINATED"
@@ -363,6 +364,7 @@ def test_rebuilding_while_trials_are_still_writing_uses_the_complete_lines(study
 def test_a_failed_rebuild_leaves_the_previous_report_whole(study_copy, monkeypatch):
     write_report(study_copy)
     before = {name: (study_copy / name).read_bytes() for name in ("report.md", "report.csv")}
+    shutil.rmtree(study_copy / "finished")
     for params_file in study_copy.glob("*/params.json"):
         (params_file.parent / "result.json").write_text("")  # the next report would differ
 
@@ -430,7 +432,7 @@ def test_cli_refuses_a_directory_that_is_not_a_study_with_one_line_and_exit_2(tm
 def test_a_finished_trial_whose_files_a_storage_failure_emptied_keeps_its_last_result(study_copy):
     before = {row["trial_id"]: row for row in (write_report(study_copy), read_csv(study_copy))[1]}
     trial_dirs = {key_of(json.loads(p.read_text())): p.parent for p in study_copy.glob("*/params.json")}
-    for key, cut in ((("cadr", 1), 0), (("cap", 0), 2)):  # emptied; cut after two results
+    for key, cut in ((("cadr", 1), 0), (("cadr", 0), 2)):  # emptied; cut after two of its four results
         lines = (trial_dirs[key] / "result.json").read_text().splitlines(keepends=True)
         (trial_dirs[key] / "result.json").write_text("".join(lines[:cut]))  # what a full disk leaves
         (trial_dirs[key] / "params.json").write_text("")
@@ -442,6 +444,19 @@ def test_a_finished_trial_whose_files_a_storage_failure_emptied_keeps_its_last_r
     assert after == before  # every column: parameters, status, steps and metrics from the study's record
     records = {p.stem: json.loads(p.read_text()) for p in (study_copy / "finished").glob("*.json")}
     assert {tid: r["status"] for tid, r in records.items()} == {tid: row["status"] for tid, row in before.items()}
+
+
+def test_a_trial_that_went_on_after_its_record_is_reported_from_its_files(study_copy):
+    """A resumed trial runs again past the record of how it ended before: its files are newer."""
+    trial_dir = next(p.parent for p in study_copy.glob("*/params.json") if key_of(json.loads(p.read_text())) == FAILING)
+    lines = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    record_path = study_copy / "finished" / f"{lines[0]['trial_id']}.json"
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ERROR"
+    record["last_result"] = lines[0]  # it had ended ERROR after its first result; resumed, it went on
+    record_path.write_text(json.dumps(record))
+    trial = next(t for t in load_trials(study_copy) if key_of(t.params) == FAILING)
+    assert trial.results == lines
 
 
 def test_a_trial_whose_result_files_a_storage_failure_emptied_is_listed_as_lost(study_copy):

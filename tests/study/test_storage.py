@@ -1,7 +1,9 @@
 """Study storage paths and files, local and through pyarrow's filesystem (file:// URIs)."""
 
 import errno
+import logging
 import os
+import signal
 
 import pytest
 
@@ -95,3 +97,28 @@ def test_a_study_whose_storage_failed_says_why_and_a_whole_one_does_not(tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert storage_failure(str(blocker / "study")) == "Not a directory"
+
+
+def test_a_failed_save_of_tunes_state_on_a_full_disk_stops_the_study_as_ctrl_c_would():
+    from study.launch import DiskErrorWatch
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))  # Tune's, in a study
+    watch = DiskErrorWatch()
+    logging.getLogger("ray").handlers.insert(0, watch)
+    full = _raised(OSError(errno.ENOSPC, "No space left on device"), RuntimeError("Syncing failed"))
+    try:
+        logging.getLogger("ray.tune.execution.experiment_state").error("Saving failed", exc_info=full)
+        assert watch.problem == "No space left on device" and received == []  # not stopping: only noted
+        watch.problem, watch.stopping = None, True
+        # A trial's own failure (a full node-local disk) is the trial's: Tune retries it.
+        logging.getLogger("ray.tune.execution.tune_controller").error("Trial task failed", exc_info=full)
+        assert watch.problem is None and received == []
+        logging.getLogger("ray.tune.execution.experiment_state").error("Saving failed", exc_info=EOFError())
+        assert watch.problem is None and received == []
+        for _ in range(2):
+            logging.getLogger("ray.tune.execution.experiment_state").error("Saving failed", exc_info=full)
+        assert watch.problem == "No space left on device" and received == [True]  # stopped once
+    finally:
+        logging.getLogger("ray").removeHandler(watch)
+        signal.signal(signal.SIGUSR1, previous)

@@ -38,7 +38,7 @@ def _placeable(workers, per_worker, others, nodes) -> bool:
      "4 workers of 0.6 CPU each do not fit on the cluster's nodes at once (its 3 node(s): 1 CPU; 1 CPU; 1 CPU); "
      "use fewer workers, reserve less per worker, or add nodes"),
     (3, {"CPU": 1.0, "GPU": 0.0}, DRIVER, ONE_CPU_NODES,
-     "3 worker(s), a trial's driver reserve 3.2 CPU together; the cluster has 3"),
+     "3 worker(s) and a trial's driver reserve 3.2 CPU together; the cluster has 3"),
     (2, {"CPU": 1.0, "GPU": 1.0}, {}, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 0.0}],
      "2 workers of 1 CPU, 1 GPU each do not fit on the cluster's nodes at once"),
 ])

@@ -276,13 +276,16 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray,
 
 
 @pytest.mark.parametrize("change, resources, error, message", [  # message: a regular expression
-    ({"batch_size": 18}, Resources(num_workers=3), TrainConfigError, "num_workers=3 exceeds the cluster's 2 CPUs"),
+    ({"batch_size": 18}, Resources(num_workers=3, cpus_per_worker=1.0), TrainConfigError,
+     r"3 workers of 1 CPU each do not fit on the cluster's nodes at once \(its 1 node\(s\): 2 CPU\)"),
+    ({"batch_size": 18}, Resources(num_workers=0), TrainConfigError, "num_workers must be >= 1, got 0"),
     ({"batch_size": 15}, Resources(num_workers=2), TrainConfigError,
      "batch_size=15 is not divisible by num_workers=2"),
     ({"model": "no_such_net"}, Resources(num_workers=2), TrainConfigError, "model.*'no_such_net'"),
     ({"split": "mnist5k_LT_10.1@50"}, Resources(num_workers=2), DataPrepError,
      r"split 'mnist5k_LT_10\.1@50' is for dataset 'mnist5k', not 'digits'"),
-], ids=["more_workers_than_cpus", "batch_not_divisible", "unknown_model", "split_of_another_dataset"])
+], ids=["more_workers_than_the_node_holds", "no_workers", "batch_not_divisible", "unknown_model",
+        "split_of_another_dataset"])
 def test_bad_configuration_fails_before_any_worker_starts(local_ray, digits_root, tmp_path, change, resources,
                                                           error, message):
     started = time.monotonic()
