@@ -1,6 +1,6 @@
 """Fault suite: provoke each failure the README's "Reliability" section promises to handle, for real.
 
-    python bench/faults.py                        # every scenario (about 10 minutes on 2 CPU cores)
+    python bench/faults.py                        # every scenario (about 15 minutes on 2 CPU cores)
     python bench/faults.py --only divergence killed_worker
     python bench/faults.py --keep                 # keep the temporary directory for a look
 
@@ -13,7 +13,8 @@ traceback; a failure that would recur is not retried; a killed process is recove
 checkpoint; nothing finished is lost.
 
 Processes are only ever killed by PID, and only those this suite started or their descendants
-(found through /proc), so other Ray instances on the machine are never touched. The storage-full
+(found through /proc), or those of a cluster it started itself with `ray start` (their command
+lines hold its temp dir), so other Ray instances on the machine are never touched. The storage-full
 scenario mounts a small tmpfs, which needs root; without it that row reads "not run".
 
 Output: a Markdown table (scenario, expected, observed, result), then one JSON line. The exit code
