@@ -9,7 +9,7 @@ and 2,000 test rows) as Parquet, then times short `trainables.ray_train.fit` run
   per trial   fit reads and decodes the split's Parquet files through Ray Data (what every
               TorchTrainer trial did before a study decoded its data once)
   once        fit takes datasets the study materialized into Ray's object store beforehand
-              (`study.tune.decode_once`; its one-off time is printed apart)
+              (`study.splits.decode_once`; its one-off time is printed apart)
 
 A run's wall time is almost all start-up (worker group, dataset shards, the first step); the
 medians over `--rounds` are compared. The last line is JSON.
@@ -55,10 +55,11 @@ def main(argv=None):
 
     import ray
 
-    from study.config import from_dict
-    from study.tune import decode_once
+    from study.config import StudyConfig
+    from study.splits import decode_once
     from trainables.config import TrainConfig
-    from trainables.ray_train import Resources, fit
+    from trainables.ray_train import fit
+    from trainables.resources import Resources
 
     with tempfile.TemporaryDirectory(prefix="bench-data-once-") as tmp:
         tmp = Path(tmp)
@@ -68,13 +69,15 @@ def main(argv=None):
         config = TrainConfig.from_dict(settings)
         ray.init(address="local", num_cpus=2, include_dashboard=True)  # Ray Train cleans up through it
         start = time.perf_counter()
-        decoded = decode_once(from_dict({"dataset": dataset, "data_root": str(tmp / "data")}), [split])[split]
+        study = StudyConfig.from_dict({"dataset": dataset, "data_root": str(tmp / "data")})
+        decoded = decode_once(study, [split])[split]
         decode_s = time.perf_counter() - start
         times = {"per trial": [], "once": []}
         for round_ in range(args.rounds):
             for way, datasets in (("per trial", None), ("once", decoded)):
                 start = time.perf_counter()
-                result = fit(config, Resources(1, cpus_per_worker=1), storage_path=str(tmp / "runs"),
+                result = fit(config, Resources(num_workers=1, cpus_per_worker=1),
+                             storage_path=str(tmp / "runs"),
                              name=f"{way.replace(' ', '-')}-{round_}", tensorboard=False, verify=False,
                              datasets=datasets)
                 if result.error is not None:

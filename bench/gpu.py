@@ -127,9 +127,11 @@ def write_synthetic_dataset(root: Path, args) -> tuple[str, str]:
 def scaling_run(args, config: TrainConfig, workers: int, storage: Path) -> float:
     """Iterations/s of one Ray Train run over the steps after the warm-up, from the loop's own
     timing of each evaluation interval (an evaluation every `--warmup` steps)."""
-    from trainables.ray_train import Resources, fit
+    from trainables.ray_train import fit
+    from trainables.resources import Resources
 
-    result = fit(config, Resources(workers, args.device == "cuda"), storage_path=str(storage),
+    result = fit(config, Resources(num_workers=workers, use_gpu=args.device == "cuda"),
+                 storage_path=str(storage),
                  name=f"workers-{workers}", tensorboard=False, checkpoints_to_keep=None)
     if result.error is not None:
         sys.exit(f"error: the run on {workers} worker(s) failed: {result.error}")

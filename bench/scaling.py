@@ -67,7 +67,8 @@ def main(argv=None):
     import ray
 
     from trainables.config import TrainConfig
-    from trainables.ray_train import Resources, fit
+    from trainables.ray_train import fit
+    from trainables.resources import Resources
 
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         tmp = Path(tmp)
@@ -84,7 +85,8 @@ def main(argv=None):
         for round_ in range(args.rounds):
             for workers in args.workers:
                 start = time.perf_counter()
-                result = fit(config, Resources(workers, args.use_gpu), storage_path=str(tmp / "runs"),
+                result = fit(config, Resources(num_workers=workers, use_gpu=args.use_gpu),
+                             storage_path=str(tmp / "runs"),
                              name=f"w{workers}-r{round_}", tensorboard=False)
                 wall = time.perf_counter() - start
                 if result.error is not None:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from study.config import StudyError
+from study.errors import StudyError
 from study.storage import ERRORS, filesystem, join, make_dirs
 
 CLAIMS = ".drivers"

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from data_prep.files import write_atomic
-from study.config import StudyError
+from study.errors import StudyError
 
 FIX_STORAGE = "; pass another --storage, or make it writable"
 WRITE_AGAIN = "; free space on the storage (or fix its permissions) and run the command again"

@@ -16,11 +16,12 @@ Reference: google-research/fixmatch (``libml/augment.py``, ``libml/ctaugment.py`
 FixMatch paper's Table 12. The geometric ops follow PIL's conventions (nearest-neighbour
 sampling, black outside the image, shear about the top-left corner) as the reference does.
 
-The parts of an `augment` string, each a function of (images, flip, generator) in `PARTS`:
-x (identity), d (the default weak augmentation: flip where allowed, and translation), ra
-(RandAugment), rac (RandAugment + Cutout), cta (CTAugment, with its learned bin weights). As in
-the original project, `d` on the strong branch means CTAugment. `Augmenter` holds the three
-branches and, when any of them is `cta`, the one CTAugment whose state they share.
+The parts of an `augment` string (`PARTS` says what each does, for help texts): x (identity), d
+(the default weak augmentation: flip where allowed, and translation), ra (RandAugment), rac
+(RandAugment + Cutout), cta (CTAugment, with its learned bin weights). As in the original
+project, `d` on the strong branch means CTAugment. `Augmenter.__call__` applies a part to a
+batch; it holds the three branches and, when any of them is `cta`, the one CTAugment whose state
+they share.
 """
 
 from __future__ import annotations
@@ -504,7 +505,7 @@ class CTAugment:
 
 # ------------------------------------------------------------------ augmentation per branch
 
-# What each part of an augment string does to a batch; `cta` is the Augmenter's own CTAugment.
+# What each part of an augment string does to a batch (Augmenter.__call__ applies it).
 PARTS = {
     "x": "identity",
     "d": "the default weak augmentation: flip where the dataset allows it, and translation",
@@ -513,6 +514,12 @@ PARTS = {
     "cta": "CTAugment (its bin weights learned from labeled probes) + its Cutout",
 }
 BRANCHES = ("labeled", "weak", "strong")
+
+
+def describe_parts() -> str:
+    return ", ".join(f"{part} ({what})" for part, what in PARTS.items())
+
+
 DEFAULT_AUGMENT = "d.d.rac"  # FixMatch's: weak labeled, weak unlabeled, RandAugment + Cutout
 
 

@@ -1,30 +1,25 @@
-"""Typed, validated training configuration: one dataclass per concern.
+"""The training configuration: every field declared once (trainables/options.py), typed, frozen.
 
-`TrainConfig.from_dict` takes a flat dict (what a Tune trial or a YAML file holds): `method` names
-a registered method (trainables/methods) and the method's options (the paper's `cap`, `cai`,
-`confidence`, ...) go into one `MethodConfig`; a bad value fails here, before any training or Ray
-starts, with a message naming the field and what it allows.
+`TrainConfig.from_dict` takes a flat mapping (a YAML `train:` section, a command line): `method`
+names a registered method (trainables/methods) and the method's own options (the paper's `cap`,
+`cai`, `confidence`, ...) go into one `MethodConfig`. Everything is checked once, when the config
+is built, with a message naming the field and what it allows; then it travels as it is, frozen.
 """
 
-import math
 from dataclasses import dataclass, field, fields
 
-from trainables.augment import DEFAULT_AUGMENT, PARTS, parse_augment
+from trainables.augment import DEFAULT_AUGMENT, describe_parts, parse_augment
 from trainables.errors import TrainConfigError
-from trainables.methods import get_method, option_names
+from trainables.methods import COMMON_OPTIONS, get_method, option_names
 from trainables.models import MODELS
+from trainables.options import Declared, option
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def _check(condition, name, value, allowed):
-    if not condition:
-        raise TrainConfigError(f"{name} must be {allowed}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class MethodConfig:
-    """A registered method and all its options (defaults filled in), validated by the method."""
+    """A registered method and all its options (defaults filled in), checked by the method."""
 
     name: str = "fixmatch"
     options: dict = field(default_factory=dict)
@@ -39,97 +34,79 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Declared):
+    error = TrainConfigError
+
     # data
-    dataset: str = "digits"
-    split: str = "digits_LT_10.1@50"
-    data_root: str | None = None
+    dataset: str = option("digits", "a converted dataset (python -m data_prep list)")
+    split: str = option("digits_LT_10.1@50", "an MNAR split of it: a file in its splits/ or an original-style "
+                        "name such as digits_LT_10.1@50-100")
+    data_root: str | None = option(None, "where datasets live (default: $ML_DATA or ./data)", kind=str)
     # model and augmentation
-    model: str = "cnn_small"
-    augment: str = DEFAULT_AUGMENT  # "L.W.S": the labeled, weak and strong branches (trainables/augment.py)
-    flip: bool | None = None  # None: off for single-channel data (digits), on otherwise
-    channels_last: bool = True
-    compile: bool = False
-    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast of the model (losses, EMA, optimizer stay fp32)
+    model: str = option("cnn_small", "the network", choices=tuple(sorted(MODELS)))
+    augment: str = option(DEFAULT_AUGMENT, "augmentation of the labeled, weak and strong branches, L.W.S, each part "
+                          f"one of {describe_parts()}; a strong d means cta")
+    flip: bool | None = option(None, "random horizontal flips (default: off for single-channel data such as "
+                               "digits, on otherwise)", kind=bool)
+    channels_last: bool = option(True, "channels-last memory format (faster convolutions on most hardware)")
+    compile: bool = option(False, "torch.compile the model")
+    precision: str = option("fp32", "fp32, or bf16 / fp16 autocast of the model's forward (fp16 with a gradient "
+                            "scaler); losses, class priors, EMA weights, optimizer state and checkpoints stay fp32",
+                            choices=PRECISIONS)
     # optimisation
-    steps: int = 1000
-    batch_size: int = 64  # B labeled images per step (global, across workers)
-    mu: int = 7  # unlabeled images per labeled image
-    lr: float = 0.03
-    momentum: float = 0.9
-    wd: float = 5e-4
-    ema_decay: float = 0.999
+    steps: int = option(1000, "training steps", low=1)
+    batch_size: int = option(64, "B labeled images per step, global: split across the workers", low=1)
+    mu: int = option(7, "unlabeled images per labeled image (mu*B per step)", low=1)
+    lr: float = option(0.03, "learning rate, with FixMatch's cosine schedule lr * cos(7 pi k / (16 K))",
+                       low=0, low_open=True)
+    momentum: float = option(0.9, "SGD (Nesterov) momentum", low=0, high=1, high_open=True)
+    wd: float = option(5e-4, "weight decay on convolution and linear weights", low=0)
+    ema_decay: float = option(0.999, "decay of the EMA weights (the evaluated model)", low=0, high=1, high_open=True)
     # evaluation and bookkeeping
-    eval_every: int = 100
-    eval_batch_size: int = 1024
-    seed: int = 0
-    device: str = "auto"
+    eval_every: int = option(100, "steps between evaluations (and checkpoints)", low=1)
+    eval_batch_size: int = option(1024, "images per evaluation batch", low=1)
+    seed: int = option(0, "seed of the model, sampling and augmentation")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
     method: MethodConfig = field(default_factory=MethodConfig)
 
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise TrainConfigError(f"{f.name} must be a finite number, got {value!r}")
-        _check(self.steps >= 1, "steps", self.steps, ">= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _check(self.mu >= 1, "mu", self.mu, ">= 1")
-        _check(self.lr > 0, "lr", self.lr, "> 0")
-        _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        _check(self.wd >= 0, "wd", self.wd, ">= 0")
-        _check(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "in [0, 1)")
-        _check(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
-        _check(self.model in MODELS, "model", self.model, f"one of {sorted(MODELS)}")
+    def check(self):
         parse_augment(self.augment)
-        _check(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               "device", self.device, "auto, cpu, cuda or cuda:N")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise TrainConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build from a flat dict: `method` (default fixmatch) and its options (cap, confidence,
+    def from_dict(cls, values) -> "TrainConfig":
+        """Build from a flat mapping: `method` (default fixmatch) and its options (cap, confidence,
         ...) go into `method`, every other key is a TrainConfig field."""
-        train_keys = {f.name for f in fields(cls)} - {"method"}
-        method_keys = option_names()
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise TrainConfigError("a training config must be a mapping")
+        return cls().with_values(values)
+
+    def with_values(self, values: dict) -> "TrainConfig":
+        """This config with some fields and method options (flat, as in `from_dict`) changed, all
+        checked once. Another `method` starts from that method's defaults: only the options every
+        method shares (wu) carry over, the others belong to this config's method."""
         if "strong_augment" in values:
             raise TrainConfigError("strong_augment was replaced by augment (L.W.S): strong_augment: randaugment is "
                                    "augment: d.d.rac, ctaugment is augment: d.d.cta")
+        train_keys, method_keys = self.field_names(), option_names()
         unknown = set(values) - train_keys - method_keys - {"method"}
         if unknown:
-            raise TrainConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        method = MethodConfig(values.get("method", "fixmatch"), {k: v for k, v in values.items() if k in method_keys})
-        return cls(method=method, **{k: v for k, v in values.items() if k in train_keys})
+            raise TrainConfigError(f"unknown training option(s): {', '.join(sorted(map(str, unknown)))}")
+        name = values.get("method", self.method.name)
+        kept = self.method.options if name == self.method.name else \
+            {k: v for k, v in self.method.options.items() if k in COMMON_OPTIONS}
+        method = MethodConfig(name, {**kept, **{k: v for k, v in values.items() if k in method_keys}})
+        return self.replace(method=method, **{k: v for k, v in values.items() if k in train_keys})
 
-    @staticmethod
-    def help(name: str) -> str:
-        """One line on a field, for the command line's --help."""
-        return FIELD_HELP.get(name, "")
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The training fields a flat mapping may set besides `method` and its options."""
+        return {f.name for f in fields(cls)} - {"method"}
 
     def to_dict(self) -> dict:
         """Flat dict, the inverse of from_dict."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"}
+        flat = {name: getattr(self, name) for name in self.options()}
         return {**flat, "method": self.method.name, **self.method.options}
-
-
-FIELD_HELP = {
-    "dataset": "a converted dataset (python -m data_prep list)",
-    "split": "an MNAR split of it: a file in its splits/ or an original-style name such as digits_LT_10.1@50-100",
-    "data_root": "where datasets live (default: $ML_DATA or ./data)",
-    "model": f"one of {', '.join(sorted(MODELS))}",
-    "augment": ("augmentation of the labeled, weak and strong branches, L.W.S, each part one of "
-                + ", ".join(f"{part} ({what})" for part, what in PARTS.items()) + "; a strong d means cta"),
-    "channels_last": "channels-last memory format (faster convolutions on most hardware)",
-    "compile": "torch.compile the model",
-    "precision": "fp32, or bf16 / fp16 autocast of the model's forward (fp16 with a gradient scaler); losses, "
-                 "class priors, EMA weights, optimizer state and checkpoints stay fp32",
-    "steps": "training steps",
-    "batch_size": "B labeled images per step, global: split across the workers",
-    "mu": "unlabeled images per labeled image (mu*B per step)",
-    "lr": "learning rate, with FixMatch's cosine schedule lr * cos(7 pi k / (16 K))",
-    "momentum": "SGD (Nesterov) momentum",
-    "wd": "weight decay on convolution and linear weights",
-    "ema_decay": "decay of the EMA weights (the evaluated model)",
-    "eval_every": "steps between evaluations (and checkpoints)",
-    "eval_batch_size": "images per evaluation batch",
-    "seed": "seed of the model, sampling and augmentation",
-}

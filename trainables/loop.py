@@ -1,7 +1,7 @@
 """The one training loop: sampling, the step, evaluation, checkpoints, reports, progress.
 
 Every runner uses `run_loop`: the single-process `train()` below (benchmarks, debugging), each
-Ray Train worker (trainables/ray_train.py) and each in-trial Tune run (study/tune.py). A runner
+Ray Train worker (trainables/ray_train.py) and each in-trial Tune run (study/trial.py). A runner
 supplies the data (`TrainData`) and a `LoopContext`: where the loop runs (device, rank, world
 size), how it reports (a function of the metrics and a checkpoint directory) and what it resumes
 from. Everything else (compile, resume, progress output, TensorBoard, every option) is here, so
@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from math import nan
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +30,16 @@ import torch
 from data_prep.files import write_atomic
 from trainables.config import TrainConfig
 from trainables.errors import CheckpointRefused, TrainConfigError, TrainingDiverged
-from trainables.metrics import accuracy, balanced_accuracy, geometric_mean_accuracy, per_class_accuracy
+from trainables.evaluation import evaluation_metrics, progress_line
 from trainables.step import (
     TrainState,
     build_state,
-    normalize,
     resolve_device,
-    to_unit_float,
     train_step,
     use_flip,
 )
 
 CHECKPOINT_FILE = "state.pt"
-EVALUATED = ("accuracy", "gm", "balanced_accuracy")  # tracked per evaluation split, with medians
 
 
 @dataclass
@@ -144,7 +140,8 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
         # report() copies the checkpoint where it keeps it; the local copy goes afterwards.
         with tempfile.TemporaryDirectory(prefix="fixmatch-ckpt-") as directory:
             if rank == 0:
-                metrics = evaluation_metrics(state, config, data.eval_sets, data.num_classes, device, running)
+                metrics = evaluation_metrics(state, config, data.eval_sets, data.num_classes, device,
+                                             running.means(state.step))
                 torch.save(state.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
                 checkpoint_dir = directory
                 if writer is not None:
@@ -221,9 +218,6 @@ def one_line(exc: BaseException) -> str:
     return f"training diverged: {text}" if isinstance(exc, TrainingDiverged) else text
 
 
-
-
-
 # --- sampling and statistics ------------------------------------------------------------------
 
 
@@ -265,74 +259,6 @@ class RunningStats:
         means = {key: value / self.steps for key, value in sums.items()}
         means["images_per_second"] = self.images / (time.perf_counter() - self.started)
         return means
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict(model, images, device, *, batch_size=1024, channels_last=True) -> torch.Tensor:
-    """Class predictions for uint8 NHWC images (numpy or tensor), in eval mode."""
-    was_training = model.training
-    model.eval()
-    images = torch.as_tensor(images)
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        batch = to_unit_float(images[start:start + batch_size].to(device))
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        predictions.append(model(normalize(batch)).argmax(dim=1))
-    model.train(was_training)
-    return torch.cat(predictions)
-
-
-def evaluate(model, images, labels, num_classes, device, **kwargs) -> dict:
-    """Top-1 accuracy, per-class accuracy, their geometric mean (GM) and their mean (balanced
-    accuracy), as plain floats."""
-    predictions = predict(model, images, device, **kwargs).cpu()
-    labels = torch.tensor(labels).cpu()  # a copy: arrays from Arrow may be read-only
-    per_class = per_class_accuracy(predictions, labels, num_classes)
-    return {
-        "accuracy": float(accuracy(predictions, labels)),
-        "gm": float(geometric_mean_accuracy(per_class, num_classes)),
-        "balanced_accuracy": balanced_accuracy(per_class),
-        "per_class_accuracy": [float(a) for a in per_class],
-    }
-
-
-def evaluation_metrics(state: TrainState, config: TrainConfig, eval_sets: dict, num_classes, device,
-                       running: RunningStats) -> dict:
-    """Evaluate the EMA model on each evaluation split and return flat scalars.
-
-    Per split s: s_accuracy, s_gm, s_balanced_accuracy (this evaluation), their medians over the
-    last 10 / 20 evaluations (s_gm_median_10, ...) and s_class_accuracy/<c>; plus the mean step
-    statistics and each per-class state vector of the method (p_ema/<c>, ...)."""
-    metrics = {"step": state.step, **running.means(state.step)}
-    current = {}
-    for split, (images, labels) in eval_sets.items():
-        if len(labels) == 0:
-            continue
-        result = evaluate(state.ema_model, images, labels, num_classes, device,
-                          batch_size=config.eval_batch_size, channels_last=config.channels_last)
-        current.update({f"{split}_{name}": result[name] for name in EVALUATED})
-        metrics.update({f"{split}_class_accuracy/{c}": a for c, a in enumerate(result["per_class_accuracy"])})
-    state.tracker.update(current)
-    metrics.update(current)
-    for name, summary in state.tracker.summary().items():
-        metrics.update({f"{name}_{key}": value for key, value in summary.items() if key != "last"})
-    for name, vector in state.method.class_state().items():
-        metrics.update({f"{name}/{c}": p for c, p in enumerate(vector.tolist())})
-    return metrics
-
-
-def progress_line(metrics, total_steps, width=30) -> str:
-    done = int(width * metrics["step"] / total_steps)
-    valid = (f"valid bal-acc {metrics['valid_balanced_accuracy']:.4f} " if "valid_balanced_accuracy" in metrics
-             else "")
-    return (f"[{'#' * done}{'.' * (width - done)}] step {metrics['step']}/{total_steps} {valid}"
-            f"test acc {metrics.get('test_accuracy', nan):.4f} gm {metrics.get('test_gm', nan):.4f} "
-            f"loss {metrics.get('loss/total', nan):.4f} "
-            f"mask {metrics.get('mask_rate', nan):.3f} {metrics.get('images_per_second', nan):.0f} img/s")
 
 
 # --- the single-process runner ------------------------------------------------------------------

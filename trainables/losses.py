@@ -159,26 +159,17 @@ def cadr_term(logits_x: Tensor, q: Tensor, thresholds: Tensor, collective: Colle
     return global_mean(mask * log_weights, collective)
 
 
-def validate_loss_options(**options) -> None:
-    """Raise TrainConfigError, naming the field and what is allowed, for a bad loss option.
-
-    Takes exactly `compute_losses`'s options; their types and ranges are the `fixmatch` method's
-    (trainables/methods/fixmatch.py), declared once there."""
-    from trainables.methods.fixmatch import FixMatch
-
-    FixMatch.validate(options)
-
-
 def compute_losses(logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits_strong: Tensor,
-                   p_ema: Tensor, *, cap: bool, cai: bool, cadr: bool, confidence: float = 0.95,
-                   cai_beta: float = 0.5, cap_momentum: float = 0.99, upper: float = 5.0,
-                   cap_ema: bool = True, cap_form: str = "reference", wu: float = 1.0,
+                   p_ema: Tensor, *, cap: bool, cai: bool, cadr: bool, confidence: float, cai_beta: float,
+                   cap_momentum: float, upper: float, cap_ema: bool, cap_form: str, wu: float,
                    collective: Collective | None = None) -> LossOutput:
     """The losses of one FixMatch step with CAP / CAI / CADR (docs/method.md).
 
     Shapes: logits_x (B, C), labels (B,) int64, logits_weak and logits_strong (mu*B, C),
     p_ema (C,), the prior before this step. Rows are this worker's; means and batch statistics
-    are over all workers' rows through ``collective`` (default: `LocalCollective`).
+    are over all workers' rows through ``collective`` (default: `LocalCollective`). The options'
+    defaults, ranges and meaning are the `fixmatch` method's (trainables/methods/fixmatch.py),
+    which checks them once; this function trusts them.
 
     1. P = softmax(z_w); p_new = m * p_ema + (1 - m) * mean_k P[k], without gradient.
     2. CAP: q = propensity(p_ema, P) (or mean_k P[k] with cap_ema=False), pi_i = q[y_i],
@@ -194,8 +185,6 @@ def compute_losses(logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits
     mask come back in the logits' dtype; p_new and thresholds in p_ema's, since the prior is
     state that keeps its own precision.
     """
-    validate_loss_options(cap=cap, cai=cai, cadr=cadr, confidence=confidence, cai_beta=cai_beta,
-                          cap_momentum=cap_momentum, upper=upper, cap_ema=cap_ema, cap_form=cap_form, wu=wu)
     if collective is None:
         collective = LocalCollective()
     out_dtype = logits_x.dtype

@@ -16,6 +16,42 @@ from trainables.errors import TrainConfigError
 
 MEDIAN_WINDOWS = (10, 20)
 
+# The names of the evaluation metrics, here and nowhere else: <split>_<measure>[_<window>], e.g.
+# valid_balanced_accuracy_median_10 (the validation split's balanced accuracy, median of the last
+# 10 evaluations). Every evaluation reports each split's measures and their medians.
+EVAL_SPLITS = ("valid", "test")
+MEASURES = ("accuracy", "gm", "balanced_accuracy")
+WINDOWS = ("", *(f"median_{window}" for window in MEDIAN_WINDOWS))  # "": this evaluation
+
+
+def metric_name(split: str, measure: str, window: str = "") -> str:
+    return f"{split}_{measure}" + (f"_{window}" if window else "")
+
+
+def class_metric_name(split: str, class_index) -> str:
+    """The accuracy (recall) of one class on a split: test_class_accuracy/3."""
+    return f"{split}_class_accuracy/{class_index}"
+
+
+def split_of(metric: str) -> str:
+    """The evaluation split a metric is measured on: valid or test."""
+    return metric.split("_", 1)[0]
+
+
+def on_split(metric: str, split: str) -> str:
+    """The same measure on another split: on_split("valid_gm_median_10", "test") = test_gm_median_10."""
+    return f"{split}_{metric.split('_', 1)[1]}"
+
+
+METRICS = tuple(metric_name(split, measure, window) for split in EVAL_SPLITS for measure in MEASURES
+                for window in WINDOWS)
+DEFAULT_SELECTION = ("balanced_accuracy", "median_10")  # what a study selects on, on the validation split
+
+
+def default_metric(has_validation: bool) -> str:
+    """valid_balanced_accuracy_median_10, or its test twin on a split without a validation set."""
+    return metric_name("valid" if has_validation else "test", *DEFAULT_SELECTION)
+
 
 def _as_numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):

@@ -1,15 +1,14 @@
 """Data-parallel training on Ray Train: a TorchTrainer over Ray Data shards (docs/method.md).
 
-Only what is Ray's lives here: the resources of the worker group, each worker reading its shard
-of the labeled and unlabeled rows (decoded once, in memory) and handing it to the one training
-loop (trainables/loop.py) with Ray Train's report, checkpoint and DDP wrapper, and `fit`, which
-starts the TorchTrainer.
+Only what is Ray's lives here: the worker group (sized by trainables/resources.py), each worker
+reading its shard of the labeled and unlabeled rows (decoded once, in memory) and handing it to
+the one training loop (trainables/loop.py) with Ray Train's report, checkpoint and DDP wrapper,
+and `fit`, which starts the TorchTrainer.
 """
 
 import logging
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,42 +16,14 @@ from trainables.cluster import can_grow, check_placement, connect, node_resource
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError, TrainingFailed
 from trainables.loop import LoopContext, TrainData, run_or_report_failure
+from trainables.resources import Resources
 
 
-@dataclass(frozen=True)
-class Resources:
-    """How many workers and what each reserves. cpus_per_worker=None sizes them so one whole CPU
-    stays free for Ray Data's tasks (with 2 CPUs and 2 workers: 0.5 each)."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float = 1.0  # with use_gpu; a fraction lets one-worker runs share a GPU
-
-    def scaling_config(self, cluster_cpus: float):
-        from ray.train import ScalingConfig
-
-        cpus = self.cpus_per_worker
-        if cpus is None:
-            cpus = min(1.0, max(cluster_cpus - 1, 0.5) / self.num_workers)
-        per_worker = {"CPU": round(cpus, 3), **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=per_worker)
-
-
-def validate(config: TrainConfig, resources: Resources, cluster_cpus: float | None, cluster_gpus: float | None) -> None:
-    """Fail before any worker starts on what can never work. cluster_cpus/gpus None: the
-    cluster may grow (an autoscaler adds nodes on demand), so its current size is not checked."""
-    workers = resources.num_workers
-    if workers < 1:
-        raise TrainConfigError(f"num_workers must be >= 1, got {workers}")
-    if config.batch_size % workers:
-        raise TrainConfigError(f"batch_size={config.batch_size} is not divisible by num_workers={workers}: "
-                               "the global batch is split evenly across workers")
-    if cluster_cpus is None:
-        return
-    if resources.use_gpu and workers * resources.gpus_per_worker > cluster_gpus:
-        raise TrainConfigError(f"num_workers={workers} with use_gpu needs {workers * resources.gpus_per_worker:g} "
-                               f"GPUs; the cluster has {cluster_gpus:g}")
+def check_batch_split(config: TrainConfig, resources: Resources) -> None:
+    """The global batch is split evenly across the workers."""
+    if config.batch_size % resources.num_workers:
+        raise TrainConfigError(f"batch_size={config.batch_size} is not divisible by num_workers="
+                               f"{resources.num_workers}: the global batch is split evenly across workers")
 
 
 def _materialize(shard, image_shape, columns=("image", "label")) -> dict:
@@ -84,7 +55,7 @@ def quiet_ray_logs() -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> str | None:
-    """Ray Train's per-worker entry point. loop_config: {"train": TrainConfig.to_dict(),
+    """Ray Train's per-worker entry point. loop_config: {"train": the TrainConfig,
     "classes": int, "image_shape": [H, W, C], "num_unlabeled": int, "has_valid": bool,
     "tensorboard_dir": str | None, "torch_threads": int}. Returns the one line of a failure that
     would recur on a retry (Ray Train does not retry a worker group that returned), else None."""
@@ -118,7 +89,7 @@ def train_loop_per_worker(loop_config: dict) -> str | None:
                           rank=rank, world_size=ray.train.get_context().get_world_size(),
                           wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
                           tensorboard_dir=loop_config.get("tensorboard_dir"))
-    return run_or_report_failure(TrainConfig.from_dict(loop_config["train"]), load_data, context)
+    return run_or_report_failure(loop_config["train"], load_data, context)
 
 
 def prepare_storage(storage_path: str) -> str:
@@ -169,35 +140,32 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
 
     info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
     storage_path = prepare_storage(str(storage_path))
-    validate(config, resources, None, None)
+    check_batch_split(config, resources)
     # A new local Ray unless --address or RAY_ADDRESS names a cluster.
     local = connect(address) if not ray.is_initialized() else False
     ray.data.DataContext.get_current().enable_progress_bars = False
     cluster = ray.cluster_resources()
-    scaling = resources.scaling_config(cluster.get("CPU", 1))
+    resources = resources.sized(cluster.get("CPU", 1))
     # A cluster an autoscaler may grow is no limit; one that cannot would make the workers wait
     # forever for what it lacks.
-    fixed = check_resources and (local or not can_grow())
-    if fixed:
-        validate(config, resources, cluster.get("CPU", 0), cluster.get("GPU", 0))
+    if check_resources and (local or not can_grow()):
+        resources.check_gpus(cluster.get("GPU", 0))
         data_tasks = {} if datasets else {"Ray Data's tasks": {"CPU": DATA_TASK_CPUS}}
-        check_placement(resources.num_workers, scaling.resources_per_worker, data_tasks, node_resources(), local)
+        check_placement(resources.num_workers, resources.per_worker, data_tasks, node_resources(), local)
     if name is None:
         from datetime import datetime
 
         name = f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-    config = TrainConfig.from_dict({**config.to_dict(), "data_root": str(info.path.parent.resolve()),
-                                    "device": "cuda" if resources.use_gpu else "cpu"})
     loop_config = {
-        "train": config.to_dict(), "classes": info.num_classes, "image_shape": list(info.image_shape),
+        "train": config, "classes": info.num_classes, "image_shape": list(info.image_shape),
         "has_valid": split.has_validation, "num_unlabeled": len(split.unlabeled_indices),
         "tensorboard_dir": _tensorboard_dir(storage_path, name) if tensorboard else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=scaling,
-        datasets=datasets or ray_datasets(config.dataset, split.name, config.data_root, verify=False),
+        scaling_config=resources.scaling_config(),
+        datasets=datasets or ray_datasets(config.dataset, split.name, str(info.path.parent.resolve()), verify=False),
         dataset_config=DataConfig(datasets_to_split=["labeled", "unlabeled"]),
         run_config=RunConfig(
             name=name, storage_path=storage_path,

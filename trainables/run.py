@@ -2,76 +2,66 @@
 
     python -m trainables.run --dataset digits --split digits_LT_10.1@50-100 --cap --cai --cadr --num-workers 2
     python -m trainables.run --method flexmatch --dataset digits --split digits_LT_10.1@50-100 --steps 500
+
+Every flag is a declared option (trainables/options.py) of the training config, a method or the
+resources: its type, choices and help come from that one declaration.
 """
 
 import argparse
 import sys
-from dataclasses import fields
 
 from data_prep import DataPrepError
 from data_prep.cli import ArgumentParser
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError, TrainingFailed
 from trainables.methods import METHODS
-from trainables.ray_train import Resources, fit
+from trainables.metrics import EVAL_SPLITS, MEASURES, metric_name
+from trainables.options import Option, add_argument, flag
+from trainables.ray_train import fit
+from trainables.resources import Resources
 
-SUMMARY_KEYS = ("step", *(f"{split}_{name}{window}" for split in ("valid", "test")
-                          for name in ("accuracy", "balanced_accuracy", "gm") for window in ("", "_median_10")),
+SUMMARY_KEYS = ("step", *(metric_name(split, measure, window) for split in EVAL_SPLITS
+                          for measure in MEASURES for window in ("", "median_10")),
                 "loss/total", "mask_rate", "images_per_second")
-
-
-def _flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
+RUN_OPTIONS = {
+    "storage": Option("results", "where runs, checkpoints and TensorBoard logs go"),
+    "name": Option(None, "run name (default: <dataset>-<time>; an existing name resumes)", kind=str),
+    "max_failures": Option(2, "worker-group restarts from the last checkpoint", low=0),
+    "address": Option(None, "Ray cluster address (default: start a local one)", kind=str),
+}
 
 
 def build_parser():
     parser = ArgumentParser(prog="python -m trainables.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        if f.name in ("method", "device", "flip"):
-            continue
-        value = getattr(defaults, f.name)
-        help = f"{TrainConfig.help(f.name)} (default: {value})"
-        if isinstance(value, bool):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=value, help=help)
-        else:
-            parser.add_argument(_flag(f.name), type=type(value) if value is not None else str, default=value,
-                                help=help)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, declaration in TrainConfig.options().items():
+        if name not in ("device", "flip"):
+            add_argument(parser, flag(name), declaration)
     methods = parser.add_argument_group("method (each option belongs to the methods named in its help)")
-    methods.add_argument("--method", choices=sorted(METHODS), default="fixmatch", help="default: fixmatch")
+    methods.add_argument("--method", choices=sorted(METHODS), default=argparse.SUPPRESS, help="default: fixmatch")
     owners = {}
     for method in METHODS.values():
-        for name, option in method.all_options().items():
-            owners.setdefault(name, (option, []))[1].append(method.name)
-    for name, (option, names) in owners.items():
+        for name, declaration in method.all_options().items():
+            owners.setdefault(name, (declaration, []))[1].append(method.name)
+    for name, (declaration, names) in owners.items():
         which = "every method" if len(names) == len(METHODS) else ", ".join(names)
-        help = f"{option.help} ({which}; default {option.default}; {option.allowed})"
-        if option.kind is bool:
-            methods.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                 help=help)
-        else:
-            methods.add_argument(_flag(name), type=option.kind, choices=option.choices, default=argparse.SUPPRESS,
-                                 help=help)
+        add_argument(methods, flag(name), declaration, help=f"{which}: {declaration.describe()}")
     ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--num-workers", type=int, default=1, help="data-parallel workers (default: 1)")
-    ray_group.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    ray_group.add_argument("--cpus-per-worker", type=float,
-                           help="CPUs each worker reserves (default: at most 1, leaving one CPU for Ray Data)")
-    ray_group.add_argument("--storage", default="results", help="where runs, checkpoints and TensorBoard logs go")
-    ray_group.add_argument("--name", help="run name (default: <dataset>-<time>; an existing name resumes)")
-    ray_group.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
-    ray_group.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    for name, declaration in {**Resources.options(), **RUN_OPTIONS}.items():
+        add_argument(ray_group, flag(name), declaration, dest=f"run.{name}")
     return parser
 
 
 def main(argv=None):
     args = vars(build_parser().parse_args(argv))
-    resources = Resources(args.pop("num_workers"), args.pop("use_gpu"), args.pop("cpus_per_worker"))
-    storage, name, max_failures, address = (args.pop(k) for k in ("storage", "name", "max_failures", "address"))
+    run = {key.removeprefix("run."): args.pop(key) for key in list(args) if key.startswith("run.")}
     try:
         config = TrainConfig.from_dict(args)
-        result = fit(config, resources, storage_path=storage, name=name, max_failures=max_failures, address=address)
+        resources = Resources.from_dict({k: v for k, v in run.items() if k in Resources.options()})
+        settings = {name: declaration.check(name, run.get(name, declaration.default), TrainConfigError)
+                    for name, declaration in RUN_OPTIONS.items()}
+        result = fit(config, resources, storage_path=settings["storage"], name=settings["name"],
+                     max_failures=settings["max_failures"], address=settings["address"])
     except (TrainConfigError, DataPrepError, TrainingFailed) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

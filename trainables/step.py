@@ -19,7 +19,7 @@ from trainables.augment import Augmenter
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError, TrainingDiverged
 from trainables.losses import Collective, global_mean
-from trainables.methods import Method, create_method
+from trainables.methods import Method, get_method
 from trainables.metrics import MetricTracker
 from trainables.models import create_model, weight_decay_parameters
 
@@ -121,8 +121,8 @@ def build_state(config: TrainConfig, num_classes: int, image_shape, device, *, n
     """Model, EMA copy, SGD (Nesterov; weight decay on conv/linear weights only), schedule, and
     the method (its options from the config, its state on `device`)."""
     augment = Augmenter(config.augment)
-    method = create_method(config.method.name, num_classes, num_unlabeled, collective,
-                           **config.method.options).to(device)
+    method = get_method(config.method.name).from_checked(config.method.options, num_classes, num_unlabeled,
+                                                        collective).to(device)
     torch.manual_seed(config.seed)
     height, _, channels = image_shape
     model = create_model(config.model, num_classes, in_channels=channels, image_size=height).to(device)

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from data_prep.cli import ArgumentParser
-from study.config import StudyError
+from study.errors import StudyError
 from study.report import format_table, write_report
 
 

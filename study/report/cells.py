@@ -3,19 +3,19 @@
 import math
 
 
-def _percent(value) -> str:
+def percent(value) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def _seconds(value) -> str:
+def seconds(value) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
-def _mean_std(mean, std) -> str:
-    return _percent(mean) + ("" if std is None else f" ± {100 * std:.1f}")
+def mean_std(mean, std) -> str:
+    return percent(mean) + ("" if std is None else f" ± {100 * std:.1f}")
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -23,7 +23,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _md_row(cells) -> str:
-    return "| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |"
+def md_row(cells) -> str:
+    return "| " + " | ".join(cell(c).replace("|", "\\|") for c in cells) + " |"
 
 

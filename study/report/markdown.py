@@ -4,11 +4,14 @@ the over-seeds table."""
 import math
 from pathlib import Path
 
-from study.report.cells import _cell, _md_row, _mean_std, _percent, _seconds
-from study.report.ranking import MEASURES, TAIL_CLASSES, GroupSummary, Report
-from study.report.trials import GENERIC_LABELS, TrialRecord
+from study.report.cells import cell, md_row, mean_std, percent, seconds
+from study.report.ranking import TAIL_CLASSES, GroupSummary, Report
+from study.report.trials import TrialRecord
+from study.tune_files import GENERIC_LABELS
+from trainables.metrics import MEASURES, metric_name
 
-COMPARED = ("test_accuracy_median_10", "test_gm_median_10")  # what "beat the baseline" is judged on
+# What "beat the baseline" is judged on.
+COMPARED = (metric_name("test", "accuracy", "median_10"), metric_name("test", "gm", "median_10"))
 
 
 def compare_to_baseline(best: TrialRecord, baseline: TrialRecord, name: str = "fixmatch") -> str | None:
@@ -60,7 +63,7 @@ def table_metrics(report: Report) -> list[str]:
     median-10 measures (the validation ones too when the study had a validation set)."""
     columns = [report.metric]
     splits = ("valid", "test") if report.has_validation else ("test",)
-    columns += [f"{split}_{measure}_median_10" for split in splits for measure in MEASURES]
+    columns += [metric_name(split, measure, "median_10") for split in splits for measure in MEASURES]
     return list(dict.fromkeys(columns))
 
 
@@ -69,11 +72,11 @@ def format_table(report: Report) -> str:
     metrics = table_metrics(report)
     header = ["#", "trial", "label", "method", *report.param_columns, *map(_short, metrics), "steps", "wall s",
               "status"]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    lines = [md_row(header), md_row(["---"] * len(header))]
     for rank, trial in enumerate(report.trials, 1):
         cells = [rank, trial.trial_id, trial.label, trial.method, *(trial.params.get(n) for n in report.param_columns),
-                 *(_percent(trial.value(m)) for m in metrics), trial.steps, _seconds(trial.wall_time_s), trial.status]
-        lines.append(_md_row(cells))
+                 *(percent(trial.value(m)) for m in metrics), trial.steps, seconds(trial.wall_time_s), trial.status]
+        lines.append(md_row(cells))
     return "\n".join(lines)
 
 
@@ -81,17 +84,17 @@ def format_groups(report: Report) -> str:
     """The over-seeds table: per configuration, the mean of the study's metric (unless it is one
     of the test measures shown anyway) and the test measures as mean ± std over seeds (%)."""
     tail_classes = sorted({c for group in report.groups for c in group.tail_class_accuracy})
-    own_column = report.metric not in {f"test_{m}_median_10" for m in MEASURES}
+    own_column = report.metric not in {metric_name("test", m, "median_10") for m in MEASURES}
     header = ["group", "method", "seeds", *([f"{_short(report.metric)} (mean)"] if own_column else []),
-              *(f"{_short(f'test_{m}_median_10')} (mean ± std)" for m in MEASURES),
+              *(f"{_short(metric_name('test', m, 'median_10'))} (mean ± std)" for m in MEASURES),
               f"test tail-{TAIL_CLASSES} class acc (mean)", *(f"class {c} acc" for c in tail_classes)]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    lines = [md_row(header), md_row(["---"] * len(header))]
     for group in report.groups:
-        score = [_percent(group.score)] if own_column else []
-        lines.append(_md_row([group.name, group.method, ", ".join(map(_cell, group.seeds)), *score,
-                              *(_mean_std(*group.test[m]) for m in MEASURES),
-                              _percent(group.tail_accuracy_mean),
-                              *(_percent(group.tail_class_accuracy.get(c)) for c in tail_classes)]))
+        score = [percent(group.score)] if own_column else []
+        lines.append(md_row([group.name, group.method, ", ".join(map(cell, group.seeds)), *score,
+                              *(mean_std(*group.test[m]) for m in MEASURES),
+                              percent(group.tail_accuracy_mean),
+                              *(percent(group.tail_class_accuracy.get(c)) for c in tail_classes)]))
     return "\n".join(lines)
 
 
@@ -116,7 +119,7 @@ def format_markdown(report: Report) -> str:
     if study:
         lines.append(f"- Dataset: {_dataset(study)}")
         swept = f" (swept: {', '.join(report.swept)})" if report.swept else ""
-        lines.append(f"- Search space: {_cell(config.get('space', '?'))}{swept}")
+        lines.append(f"- Search space: {cell(config.get('space', '?'))}{swept}")
     lines.append(f"- Ranked by: {report.metric} ({direction} is better), the number the study's search and "
                  "scheduler use too; accuracy, GM and balanced accuracy in %")
     lines.append(f"- Trials: {len(report.trials)}: {counts}")
@@ -125,8 +128,8 @@ def format_markdown(report: Report) -> str:
         lines.append("- Best: none yet (no trial has reported)")
     else:
         lines.append(f"- Best: trial {best.trial_id} ({_describe(best, report)}): {report.metric} "
-                     f"{_percent(report.score(best))}; test {_numbers(best, 'test')}; {best.steps} steps, "
-                     f"{_seconds(best.wall_time_s)} s")
+                     f"{percent(report.score(best))}; test {_numbers(best, 'test')}; {best.steps} steps, "
+                     f"{seconds(best.wall_time_s)} s")
         on_test = report.best_on_test
         if not report.selected_on_test and on_test is not None:
             same = "the same trial" if on_test is best else f"trial {on_test.trial_id} ({_describe(on_test, report)})"
@@ -170,7 +173,7 @@ def _dataset(study: dict) -> str:
 
 
 def _describe(trial: TrialRecord, report: Report) -> str:
-    params = ", ".join(f"{n}={_cell(trial.params[n])}" for n in report.param_columns
+    params = ", ".join(f"{n}={cell(trial.params[n])}" for n in report.param_columns
                        if n in trial.params and n != "variant")
     label = f"{trial.label}: " if trial.label not in GENERIC_LABELS else ""
     return f"{label}{trial.method}" + (f", {params}" if params else "")
@@ -179,7 +182,7 @@ def _describe(trial: TrialRecord, report: Report) -> str:
 def _numbers(trial: TrialRecord, split: str) -> str:
     """'accuracy 91.0, GM 90.1, balanced accuracy 90.5 (medians of the last 10)'."""
     values = ", ".join(f"{measure.replace('_', ' ').replace('gm', 'GM')} "
-                       f"{_percent(trial.value(f'{split}_{measure}_median_10'))}" for measure in MEASURES)
+                       f"{percent(trial.value(metric_name(split, measure, 'median_10')))}" for measure in MEASURES)
     return f"{values} (medians of the last 10 evaluations)"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from study.config import StudyError
+from study.errors import StudyError
 from study.report.ranking import Report
 from study.storage import WRITE_AGAIN, write_bytes
 

@@ -6,17 +6,19 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from study.config import StudyConfig, StudyError, from_dict
-from study.report.cells import _cell
-from study.report.trials import FLAGS, STATUSES, TrialRecord, _study_json, load_trials
+from data_prep.errors import DataPrepError
+from study.config import StudyConfig
+from study.directory import read_study_json
+from study.errors import StudyError
+from study.report.cells import cell
+from study.report.trials import FLAGS, STATUSES, TrialRecord, load_trials
 from trainables.errors import TrainConfigError
+from trainables.metrics import EVAL_SPLITS, MEASURES, WINDOWS, default_metric, metric_name, on_split, split_of
 
-EVAL_SPLITS = ("valid", "test")
-MEASURES = ("accuracy", "gm", "balanced_accuracy")
 # report.csv's metric columns -> the reported key (`_last` is the value at the last evaluation).
-METRIC_COLUMNS = {f"{split}_{measure}_{window}": f"{split}_{measure}" + ("" if window == "last" else f"_{window}")
-                  for split in EVAL_SPLITS for measure in MEASURES for window in ("last", "median_10", "median_20")}
-LEGACY_METRIC = "test_balanced_accuracy_median_10"  # studies whose study.json names no metric
+METRIC_COLUMNS = {metric_name(split, measure, window or "last"): metric_name(split, measure, window)
+                  for split in EVAL_SPLITS for measure in MEASURES for window in WINDOWS}
+LEGACY_METRIC = default_metric(has_validation=False)  # studies whose study.json names no metric
 TAIL_CLASSES = 3  # the paper's ablation table reports the last (rarest) classes
 
 @dataclass
@@ -67,12 +69,12 @@ class Report:
 
     @property
     def selected_on_test(self) -> bool:
-        return self.metric.startswith("test_")
+        return split_of(self.metric) == "test"
 
     @property
     def test_twin(self) -> str:
         """The study's metric measured on the test split (itself when it selected on test)."""
-        return "test_" + self.metric.split("_", 1)[1]
+        return on_split(self.metric, "test")
 
     @property
     def ranked(self) -> list[TrialRecord]:
@@ -103,7 +105,7 @@ class Report:
 
     @property
     def has_validation(self) -> bool:
-        return any("valid_accuracy" in result for trial in self.trials for result in trial.results)
+        return any(metric_name("valid", "accuracy") in result for trial in self.trials for result in trial.results)
 
     def counts(self) -> dict[str, int]:
         found = [t.status for t in self.trials]
@@ -142,7 +144,7 @@ def build_report(study_dir) -> Report:
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise StudyError(f"study directory {study_dir} does not exist")
-    study = _study_json(study_dir)
+    study = read_study_json(study_dir)
     trials = load_trials(study_dir)
     if not trials:
         what = "has no trials yet" if study else "is not a study directory (no study.json and no trial directories)"
@@ -164,8 +166,8 @@ def _study_config(study: dict) -> StudyConfig | None:
     """The study's config as the launcher resolved it, or None (a plain Tune experiment, or a
     study.json from another version of the tool)."""
     try:
-        return from_dict(study["config"]) if isinstance(study.get("config"), dict) else None
-    except (StudyError, TypeError, TrainConfigError):
+        return StudyConfig.from_dict(study["config"]) if isinstance(study.get("config"), dict) else None
+    except (StudyError, TypeError, TrainConfigError, DataPrepError):
         return None
 
 
@@ -191,7 +193,7 @@ def _group_name(trial: TrialRecord, swept) -> str:
     """The trial's group, plus any other grid parameter but the seed (e.g. a grid over
     variant x gamma_l x seed groups by variant and gamma_l)."""
     others = [name for name in swept if name not in ("seed", "variant")]
-    return ", ".join([trial.group] + [f"{name}={_cell(trial.params.get(name))}" for name in others])
+    return ", ".join([trial.group] + [f"{name}={cell(trial.params.get(name))}" for name in others])
 
 
 def _groups(best_first: list[TrialRecord], metric: str, mode: str, swept=()) -> list[GroupSummary]:
@@ -205,7 +207,7 @@ def _groups(best_first: list[TrialRecord], metric: str, mode: str, swept=()) -> 
     for name, trials in by_group.items():
         test = {}
         for measure in MEASURES:
-            values = [t.value(f"test_{measure}_median_10") for t in trials]
+            values = [t.value(metric_name("test", measure, "median_10")) for t in trials]
             test[measure] = (_mean(values), _std(values))
         per_class = [t.class_accuracy for t in trials if t.class_accuracy]
         tails = [_mean(classes[-TAIL_CLASSES:]) for classes in per_class]

@@ -13,7 +13,7 @@ import pytest
 
 import study.claim as claim_module
 from study.claim import CLAIMS, DriverClaim
-from study.config import StudyError
+from study.errors import StudyError
 
 
 @pytest.fixture(autouse=True)

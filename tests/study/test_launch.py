@@ -20,7 +20,8 @@ from tensorboard_events import scalars
 
 from search_spaces import SPACES, get_space
 from search_spaces.spaces import is_grid
-from study.config import from_dict, load, validate
+from study.checks import checked
+from study.config import StudyConfig, load
 from study.launch import main
 
 TINY = {
@@ -60,8 +61,8 @@ def _fails_before_ray(capsys, argv, message):
 @pytest.mark.parametrize("name", list(SPACES))
 def test_every_named_space_passes_the_launch_checks_with_cadr(name):
     grid = {"algorithm": "grid", "num_samples": 1}
-    config = from_dict({**TINY, "space": name, "search": grid if is_grid(get_space(name)) else {}})
-    validate(config)
+    config = StudyConfig.from_dict({**TINY, "space": name, "search": grid if is_grid(get_space(name)) else {}})
+    checked(config)
 
 
 EXAMPLE_STUDIES = sorted(p for p in Path(__file__).parents[2].glob("examples/*.yaml") if p.name != "cluster.yaml")
@@ -69,7 +70,7 @@ EXAMPLE_STUDIES = sorted(p for p in Path(__file__).parents[2].glob("examples/*.y
 
 @pytest.mark.parametrize("path", EXAMPLE_STUDIES, ids=lambda p: p.name)
 def test_every_example_study_passes_the_launch_checks(path):
-    validate(load(str(path), {}))  # (examples/paper/ run for real in test_paper_configs.py)
+    checked(load(str(path)))  # (examples/paper/ run for real in test_paper_configs.py)
 
 
 def test_list_spaces_prints_every_space_with_its_ranges(capsys):
@@ -98,12 +99,13 @@ def test_cadr_without_cap_fails_before_ray(tmp_path, capsys):
 
 def test_unknown_metric_fails_before_ray(tmp_path, capsys):
     _fails_before_ray(capsys, ["--config", _config(tmp_path), "--metric", "f1", "--storage", str(tmp_path)],
-                      "unknown metric 'f1'")
+                      "metric must be one of valid_accuracy, valid_accuracy_median_10, ")
 
 
 def test_unknown_trainer_fails_before_ray(tmp_path, capsys):
     _fails_before_ray(capsys, ["--config", _config(tmp_path, resources={"trainer": "threads"}),
-                               "--storage", str(tmp_path)], "unknown resources.trainer 'threads'")
+                               "--storage", str(tmp_path)],
+                      "resources.trainer must be one of auto, torch_trainer, in_trial, got 'threads'")
 
 
 def test_in_trial_with_two_workers_fails_before_ray(tmp_path, capsys):
@@ -147,7 +149,7 @@ def test_use_gpu_on_a_local_machine_without_one_fails_before_any_trial(tmp_path,
     finally:
         ray.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: use_gpu with num_workers=1 needs {needed} GPU(s) per trial; the cluster has 0"
+    assert err[-1] == f"error: num_workers=1 with use_gpu needs {needed} GPU(s) per run; the cluster has 0"
     assert not list((tmp_path / "studies" / "gpu").glob("trial_*"))
 
 

@@ -17,7 +17,8 @@ import ray
 
 from data_prep.__main__ import main as data_prep_main
 from data_prep.splits import long_tail_counts
-from study.config import load, planned_trials, split_spec, validate
+from study.checks import checked, planned_trials
+from study.config import load
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "data_prep"))  # the data_prep suite's raw_sources
 from raw_sources import make_cifar10, make_cifar100, make_miniimagenet_pickle, make_stl10  # noqa: E402
@@ -76,7 +77,7 @@ PUBLISHED = {
 
 def _rows_needed(config, num_classes) -> np.ndarray:
     """Training rows each class needs for the config's split: its labeled rows and validation rows."""
-    spec = split_spec(config)
+    spec = config.split_spec()
     if spec.kind == "lt":
         need = long_tail_counts(spec.n_max, spec.gamma_l, num_classes)
     elif spec.kind == "rand":
@@ -94,7 +95,7 @@ def data_root(tmp_path_factory):
     root, raw = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("raw")
     needs = {}
     for path in PAPER_CONFIGS:
-        config = load(str(path), {})
+        config = load(str(path))
         if config.dataset not in PUBLISHED:
             pytest.fail(f"{path.name}: no synthetic {config.dataset} source; add a writer to PUBLISHED")
         num_classes = PUBLISHED[config.dataset][0]
@@ -130,13 +131,13 @@ def launches(data_root, ray_address, tmp_path_factory):
             code, out = run.returncode, run.stdout
         except subprocess.TimeoutExpired as exc:
             code, out = "timeout", exc.output or ""
-        study = storage / load(str(path), {}).name
+        study = storage / load(str(path)).name
         for checkpoint in study.glob("trial_*/checkpoint_*"):  # a WRN-28-8 trial's is 270 MB
             shutil.rmtree(checkpoint)
         return path, (code, out, study)
 
     def image_side(path):
-        meta = json.loads((data_root / load(str(path), {}).dataset / "dataset.json").read_text())
+        meta = json.loads((data_root / load(str(path)).dataset / "dataset.json").read_text())
         return meta["image_shape"][0]
 
     # The largest images first: their trials take longest.
@@ -154,8 +155,8 @@ def test_the_paper_configs_are_found():
 def test_a_paper_config_runs_through_the_launcher_and_reports_every_trial(path, launches):
     code, out, study = launches[path]
     assert code == 0, out[-4000:]
-    config, checked = load(str(path), {}), load(str(path), {})
-    trials = planned_trials(checked, validate(checked))
+    config = load(str(path))
+    trials = planned_trials(*checked(config))
     # Only sizes, storage, data root and resources differ from the file (its empty keys the launcher fills).
     recorded = json.loads((study / "study.json").read_text())["config"]
     for section, values in config.to_dict().items():

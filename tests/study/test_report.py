@@ -16,11 +16,11 @@ import pytest
 import data_prep.files
 import study.report as report_module
 from search_spaces import VARIANTS
-from study.config import StudyError
+from study.callbacks import RecordEndedTrials
+from study.errors import StudyError
 from study.report import TrialRecord, build_report, compare_to_baseline, load_trials, write_report
 from study.report.__main__ import main
 from study.report.ranking import _grid_parameters, _groups
-from study.tune import RecordEndedTrials
 
 pytestmark = pytest.mark.ray
 

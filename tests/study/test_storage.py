@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from study.config import StudyError
+from study.errors import StudyError
 from study.storage import exists, join, make_dirs, newest_study, split_uri, write_bytes
 
 
@@ -71,7 +71,7 @@ def _raised(*chain: BaseException) -> BaseException:
 
 
 def test_a_full_disk_is_found_however_deep_the_failure_was_raised_from():
-    from study.launch import disk_error
+    from study.storage_failure import disk_error
 
     full = OSError(errno.ENOSPC, "No space left on device")
     assert disk_error(_raised(full, StudyError("cannot write x"), RuntimeError("Tune failed"))) == \
@@ -82,7 +82,7 @@ def test_a_full_disk_is_found_however_deep_the_failure_was_raised_from():
 
 
 def test_a_study_whose_storage_failed_says_why_and_a_whole_one_does_not(tmp_path):
-    from study.launch import storage_failure
+    from study.storage_failure import storage_failure
 
     study = tmp_path / "study"
     study.mkdir()
@@ -100,7 +100,7 @@ def test_a_study_whose_storage_failed_says_why_and_a_whole_one_does_not(tmp_path
 
 
 def test_a_failed_save_of_tunes_state_on_a_full_disk_stops_the_study_as_ctrl_c_would():
-    from study.launch import DiskErrorWatch
+    from study.storage_failure import DiskErrorWatch
 
     received = []
     previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))  # Tune's, in a study

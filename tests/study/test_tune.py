@@ -5,45 +5,52 @@ import time
 import pytest
 import ray
 
-from study.config import StudyError, from_dict, validate
-from study.tune import trial_reservation, trial_resources
-from trainables.ray_train import Resources
+from study.config import StudyConfig, StudyError
+from trainables.resources import Resources
 
 
 def _study(**resources):
-    return from_dict({"search": {"max_concurrent": 2}, "resources": resources})
+    return StudyConfig.from_dict({"search": {"max_concurrent": 2}, "resources": resources})
+
+
+def trial_resources(config, cluster_cpus):
+    return config.resources.for_trial(cluster_cpus, config.search.max_concurrent)
 
 
 @pytest.mark.parametrize("cluster_cpus, expected", [(2, 1.0), (1, 0.5), (16, 1.0)])
 def test_in_trial_trials_share_the_cpus_without_a_ray_data_reserve(cluster_cpus, expected):
     resources = trial_resources(_study(), cluster_cpus)
-    assert resources == {"num_workers": 1, "use_gpu": False, "gpus_per_worker": 0.0, "cpus_per_worker": expected}
+    assert resources == Resources(num_workers=1, use_gpu=False, gpus_per_worker=None, cpus_per_worker=expected)
 
 
 def test_torch_trainer_trials_leave_one_cpu_for_ray_data_and_the_trial_driver():
     # (2 CPUs - 1 for Ray Data) / 2 trials - 0.2 for each trial's driver = 0.3, split over 1 worker.
     resources = trial_resources(_study(trainer="torch_trainer"), 2)
-    assert resources == {"num_workers": 1, "use_gpu": False, "gpus_per_worker": 0.0, "cpus_per_worker": 0.3}
+    assert resources == Resources(num_workers=1, use_gpu=False, gpus_per_worker=None, cpus_per_worker=0.3)
     # 2 workers per trial on 8 CPUs: (7 / 2 - 0.2) / 2 = 1.65, capped at one CPU each.
     resources = trial_resources(_study(num_workers=2), 8)
-    assert resources == {"num_workers": 2, "use_gpu": False, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0}
+    assert resources == Resources(num_workers=2, use_gpu=False, gpus_per_worker=None, cpus_per_worker=1.0)
 
 
 def test_an_explicit_worker_cpu_count_wins():
-    assert trial_resources(_study(cpus_per_worker=0.25), 2)["cpus_per_worker"] == 0.25
+    assert trial_resources(_study(cpus_per_worker=0.25), 2).cpus_per_worker == 0.25
+
+
+def test_a_run_alone_leaves_one_cpu_for_ray_data():
+    # (2 CPUs - 1) over 2 workers; on one CPU, half a CPU between them.
+    assert Resources(num_workers=2).sized(2).cpus_per_worker == 0.5
+    assert Resources(num_workers=2).sized(1).cpus_per_worker == 0.25
 
 
 def test_a_gpu_share_implies_use_gpu_and_is_what_each_trial_and_worker_reserves():
     config = _study(gpus_per_worker=0.25)
-    validate(config)
     resources = trial_resources(config, 8)
-    assert resources == {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 0.25, "cpus_per_worker": 1.0}
-    assert trial_reservation(config, resources) == {"CPU": 1.0, "GPU": 0.25}  # in-trial: the trial is the worker
+    assert resources == Resources(num_workers=1, use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=1.0)
+    assert config.resources.reservation(resources) == {"CPU": 1.0, "GPU": 0.25}  # in-trial: the trial is the worker
     whole = _study(use_gpu=True, num_workers=2)
-    validate(whole)
     resources = trial_resources(whole, 8)
-    assert trial_reservation(whole, resources) == {"CPU": 0.2}  # a TorchTrainer's driver; its workers:
-    scaling = Resources(**resources).scaling_config(8)
+    assert whole.resources.reservation(resources) == {"CPU": 0.2}  # a TorchTrainer's driver; its workers:
+    scaling = resources.scaling_config()
     assert scaling.num_workers == 2 and scaling.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
 
 
@@ -56,7 +63,7 @@ def test_a_gpu_share_implies_use_gpu_and_is_what_each_trial_and_worker_reserves(
 ])
 def test_a_gpu_share_that_does_not_pack_is_refused(resources, message):
     with pytest.raises(StudyError) as error:
-        validate(_study(**resources))
+        _study(**resources)
     assert message in str(error.value)
 
 
@@ -67,8 +74,7 @@ def test_four_trials_with_a_quarter_gpu_each_run_at_once_on_one_gpu(tmp_path):
     from ray import tune
 
     config = _study(gpus_per_worker=0.25, cpus_per_worker=0.25)
-    validate(config)
-    reservation = trial_reservation(config, trial_resources(config, 2))
+    reservation = config.resources.reservation(trial_resources(config, 2))
     arrived = tmp_path / "arrived"
     arrived.mkdir()
 
@@ -94,7 +100,7 @@ def test_four_trials_with_a_quarter_gpu_each_run_at_once_on_one_gpu(tmp_path):
 def test_a_resume_refuses_tune_state_that_a_storage_failure_left_empty_or_cut_short(tmp_path):
     import json
 
-    from study.tune import damaged_state
+    from study.tune_files import damaged_state
 
     (tmp_path / "tuner.pkl").write_bytes(b"pickled")
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": []}))

@@ -25,6 +25,7 @@ from trainables.losses import (
     normalized_inverse_weights,
     safe_log,
 )
+from trainables.methods import create_method
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -263,7 +264,8 @@ def test_prior_update_is_a_moving_average_of_the_batch_predictions_with_or_witho
     for flags in (dict(cap=False, cai=False, cadr=False), dict(cap=True, cai=True, cadr=True)):
         out = compute_losses(torch.zeros(2, 2, dtype=torch.float64), torch.tensor([0, 1]),
                              probs_weak.log(), torch.zeros(2, 2, dtype=torch.float64),
-                             torch.tensor([0.5, 0.5], dtype=torch.float64), cap_momentum=0.9, **flags)
+                             torch.tensor([0.5, 0.5], dtype=torch.float64),
+                             **asdict(Options(**flags, cap_momentum=0.9)))
         # p_batch = [0.7, 0.3]; p_new = 0.9 * [0.5, 0.5] + 0.1 * [0.7, 0.3].
         np.testing.assert_allclose(out.p_new.numpy(), [0.52, 0.48])
         assert not out.p_new.requires_grad
@@ -281,7 +283,7 @@ EDGE_TAU = torch.softmax(EDGE_WEAK_LOGITS, dim=1)[0, 0].item()
 def edge_mask(cai: bool) -> list:
     out = compute_losses(torch.zeros(2, 2, dtype=torch.float64), torch.tensor([0, 1]), EDGE_WEAK_LOGITS,
                          torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0.9, 0.1], dtype=torch.float64),
-                         cap=False, cai=cai, cadr=False, confidence=EDGE_TAU)
+                         **asdict(Options(cap=False, cai=cai, cadr=False, confidence=EDGE_TAU)))
     assert out.thresholds[0].item() == EDGE_TAU
     return out.mask.tolist()
 
@@ -301,8 +303,8 @@ def test_cadr_term_uses_the_class_thresholds_strictly_even_without_cai():
                            dtype=torch.float64)
     tau = torch.softmax(labeled, dim=1)[0, 0].item()
     out = compute_losses(labeled, torch.tensor([0, 1]), weak, torch.zeros(2, 2, dtype=torch.float64),
-                         torch.tensor([0.9, 0.1], dtype=torch.float64), cap=True, cai=False, cadr=True,
-                         cap_ema=False, confidence=tau)
+                         torch.tensor([0.9, 0.1], dtype=torch.float64),
+                         **asdict(Options(cap=True, cai=False, cadr=True, cap_ema=False, confidence=tau)))
     # q = mean of P; w'_1 = 2 * (1/q1) / (1/q0 + 1/q1) = 2 q0 / (q0 + q1); term = (0 + log w'_1) / 2.
     q0, q1 = torch.softmax(weak, dim=1).mean(dim=0).tolist()
     assert out.cadr.item() == pytest.approx(0.5 * math.log(2 * q0 / (q0 + q1)), rel=1e-12)
@@ -315,7 +317,7 @@ def test_cap_with_a_uniform_propensity_leaves_the_labeled_loss_plain_cross_entro
     weak = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)  # mean of P is [1/2, 1/2]
     out = compute_losses(logits_x, labels, weak, torch.zeros(2, 2, dtype=torch.float64),
                          torch.tensor([0.5, 0.5], dtype=torch.float64),
-                         cap=True, cai=False, cadr=False, cap_ema=False, cap_form=cap_form)
+                         **asdict(Options(cap=True, cai=False, cadr=False, cap_ema=False, cap_form=cap_form)))
     plain = torch.nn.functional.cross_entropy(logits_x, labels).item()
     assert out.labeled.item() == pytest.approx(plain, rel=1e-12)
 
@@ -324,7 +326,8 @@ def test_unlabeled_loss_averages_over_all_rows_masked_or_not():
     strong = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
     weak = torch.tensor([[9.0, 0.0], [0.0, 0.1]], dtype=torch.float64)  # row 0 confident in class 0, row 1 not
     out = compute_losses(torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]), weak, strong,
-                         torch.tensor([0.5, 0.5], dtype=torch.float64), cap=False, cai=False, cadr=False)
+                         torch.tensor([0.5, 0.5], dtype=torch.float64),
+                         **asdict(Options(cap=False, cai=False, cadr=False)))
     assert out.mask.tolist() == [1.0, 0.0]
     row_0_loss = math.log(1 + math.e)  # CE([0, 1], class 0)
     assert out.unlabeled.item() == pytest.approx(row_0_loss / 2, rel=1e-12)
@@ -349,9 +352,8 @@ def test_cap_sends_the_labeled_loss_gradient_into_the_weak_logits():
 # --- configuration errors ------------------------------------------------------------------------
 
 def test_cadr_without_cap_is_a_config_error_naming_both_flags():
-    arrays = make_arrays(BATCHES[0])
     with pytest.raises(TrainConfigError, match=r"cadr.*cap"):
-        run_losses(arrays, Options(cap=False, cai=True, cadr=True))
+        create_method("fixmatch", 3, **asdict(Options(cap=False, cai=True, cadr=True)))
 
 
 @pytest.mark.parametrize("field, value", [
@@ -359,10 +361,9 @@ def test_cadr_without_cap_is_a_config_error_naming_both_flags():
     ("cap_momentum", 1.0), ("cap_momentum", -0.1), ("upper", 0.0), ("cai_beta", -0.5), ("wu", -1.0),
 ])
 def test_out_of_range_option_is_a_config_error_naming_the_field(field, value):
-    arrays = make_arrays(BATCHES[0])
     options = Options(cap=True, cai=True, cadr=True)
     with pytest.raises(TrainConfigError, match=field):
-        run_losses(arrays, Options(**{**asdict(options), field: value}))
+        create_method("fixmatch", 3, **{**asdict(options), field: value})
 
 
 # --- degenerate batches, dtypes ------------------------------------------------------------------

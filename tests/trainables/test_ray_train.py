@@ -24,7 +24,8 @@ from data_prep.convert import prepare
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.loop import CHECKPOINT_FILE, train
-from trainables.ray_train import Resources, fit
+from trainables.ray_train import fit
+from trainables.resources import Resources
 from trainables.step import build_state
 
 pytestmark = pytest.mark.ray
@@ -276,13 +277,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray,
 
 
 @pytest.mark.parametrize("change, resources, error, message", [  # message: a regular expression
-    ({"batch_size": 18}, Resources(num_workers=3, cpus_per_worker=1.0), TrainConfigError,
+    ({"batch_size": 18}, {"num_workers": 3, "cpus_per_worker": 1.0}, TrainConfigError,
      r"3 workers of 1 CPU each do not fit on the cluster's nodes at once \(its 1 node\(s\): 2 CPU\)"),
-    ({"batch_size": 18}, Resources(num_workers=0), TrainConfigError, "num_workers must be >= 1, got 0"),
-    ({"batch_size": 15}, Resources(num_workers=2), TrainConfigError,
+    ({"batch_size": 18}, {"num_workers": 0}, TrainConfigError, "num_workers must be >= 1, got 0"),
+    ({"batch_size": 15}, {"num_workers": 2}, TrainConfigError,
      "batch_size=15 is not divisible by num_workers=2"),
-    ({"model": "no_such_net"}, Resources(num_workers=2), TrainConfigError, "model.*'no_such_net'"),
-    ({"split": "mnist5k_LT_10.1@50"}, Resources(num_workers=2), DataPrepError,
+    ({"model": "no_such_net"}, {"num_workers": 2}, TrainConfigError, "model.*'no_such_net'"),
+    ({"split": "mnist5k_LT_10.1@50"}, {"num_workers": 2}, DataPrepError,
      r"split 'mnist5k_LT_10\.1@50' is for dataset 'mnist5k', not 'digits'"),
 ], ids=["more_workers_than_the_node_holds", "no_workers", "batch_not_divisible", "unknown_model",
         "split_of_another_dataset"])
@@ -290,7 +291,8 @@ def test_bad_configuration_fails_before_any_worker_starts(local_ray, digits_root
                                                           error, message):
     started = time.monotonic()
     with pytest.raises(error, match=message):
-        fit(digits_config(digits_root, **change), resources, storage_path=tmp_path, name=unique_name("bad"))
+        fit(digits_config(digits_root, **change), Resources(**resources), storage_path=tmp_path,
+            name=unique_name("bad"))
     assert time.monotonic() - started < 10
     assert list(tmp_path.iterdir()) == []  # no run was started
 

@@ -17,60 +17,15 @@ process given the whole batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from trainables.errors import TrainConfigError
 from trainables.losses import Collective, LocalCollective
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of a method: its default, what it allows (said as `allowed`), and a help line."""
-
-    default: Any
-    help: str
-    low: float | None = None  # numeric bounds; *_open excludes the bound itself
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple | None = None
-
-    @property
-    def kind(self) -> type:
-        return type(self.default)
-
-    @property
-    def allowed(self) -> str:
-        if self.kind is bool:
-            return "true or false"
-        if self.choices is not None:
-            return f"one of {', '.join(map(str, self.choices))}"
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"a finite {self.kind.__name__}"
-
-    def accepts(self, value) -> bool:
-        if self.kind is bool:
-            return isinstance(value, bool)
-        if self.kind is str:
-            return isinstance(value, str) and (self.choices is None or value in self.choices)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        if self.kind is int and not float(value).is_integer():
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
+from trainables.options import Option
 
 COMMON_OPTIONS = {
     "wu": Option(1.0, "weight of the unlabeled loss: total = labeled + wu * unlabeled", low=0),
@@ -87,10 +42,16 @@ class MethodOutput:
     mask: Tensor  # (mu*B,) weight in [0, 1] of each of this worker's unlabeled rows
     stats: dict[str, Tensor] = field(default_factory=dict)  # further 0-d values to log (e.g. cadr)
 
+    def to(self, dtype: torch.dtype) -> MethodOutput:
+        """The losses and the mask in `dtype` (the statistics keep theirs)."""
+        return MethodOutput(total=self.total.to(dtype), labeled=self.labeled.to(dtype),
+                            unlabeled=self.unlabeled.to(dtype), mask=self.mask.to(dtype), stats=self.stats)
+
 
 class Method:
     """The base of every method. A subclass sets `name`, `title`, `options` and writes
-    `initial_state` and `losses`; `needs_index` when it keeps a memory per unlabeled row."""
+    `initial_state` and `step_losses`; `needs_index` when it keeps a memory per unlabeled row,
+    `check` for a rule between its options."""
 
     name: ClassVar[str]
     title: ClassVar[str]  # how reports name it
@@ -99,13 +60,25 @@ class Method:
 
     def __init__(self, num_classes: int, num_unlabeled: int = 0, collective: Collective | None = None,
                  **options):
+        self._setup(num_classes, num_unlabeled, collective, self.validate(options))
+
+    @classmethod
+    def from_checked(cls, options: dict, num_classes: int, num_unlabeled: int = 0,
+                     collective: Collective | None = None) -> Method:
+        """The method with options a training config has already checked (`validate`'s output):
+        they are not checked again."""
+        method = cls.__new__(cls)
+        method._setup(num_classes, num_unlabeled, collective, dict(options))
+        return method
+
+    def _setup(self, num_classes: int, num_unlabeled: int, collective: Collective | None, config: dict) -> None:
         if num_classes < 1:
             raise TrainConfigError(f"num_classes must be >= 1, got {num_classes}")
         if self.needs_index and num_unlabeled < 1:
             raise TrainConfigError(f"method {self.name} keeps a memory per unlabeled row: num_unlabeled must be "
                                    f">= 1, got {num_unlabeled}")
         self.num_classes, self.num_unlabeled = num_classes, num_unlabeled
-        self.config = resolve_options(self.name, self.all_options(), options)
+        self.config = config
         self.collective = collective or LocalCollective()
         self.state: dict[str, Tensor] = self.initial_state()
 
@@ -115,8 +88,15 @@ class Method:
 
     @classmethod
     def validate(cls, options: dict) -> dict:
-        """The complete options (defaults filled in); TrainConfigError on a bad one."""
-        return resolve_options(cls.name, cls.all_options(), options)
+        """The complete options (defaults filled in); TrainConfigError on a bad one, or on a bad
+        combination (`check`)."""
+        values = resolve_options(cls.name, cls.all_options(), options)
+        cls.check(values)
+        return values
+
+    @classmethod
+    def check(cls, options: dict) -> None:
+        """Rules between options (raise TrainConfigError); each option is already checked."""
 
     @classmethod
     def label(cls, options: dict) -> str:
@@ -158,7 +138,20 @@ class Method:
     def losses(self, logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits_strong: Tensor,
                unlabeled_index: Tensor | None = None) -> MethodOutput:
         """One step: logits_x (B, C), labels (B,), logits_weak and logits_strong (mu*B, C), the
-        unlabeled rows' positions in the unlabeled pool (mu*B,). Updates the state."""
+        unlabeled rows' positions in the unlabeled pool (mu*B,). Updates the state.
+
+        Half-precision logits are computed in float32 (`step_losses` sees at least float32);
+        the losses and the mask come back in the logits' dtype."""
+        if self.needs_index and unlabeled_index is None:
+            raise ValueError(f"{self.name} keeps a memory per unlabeled row: losses() needs unlabeled_index")
+        out_dtype = logits_x.dtype
+        work_dtype = torch.promote_types(out_dtype, torch.float32)
+        logits_x, logits_weak, logits_strong = (z.to(work_dtype) for z in (logits_x, logits_weak, logits_strong))
+        return self.step_losses(logits_x, labels, logits_weak, logits_strong, unlabeled_index).to(out_dtype)
+
+    def step_losses(self, logits_x: Tensor, labels: Tensor, logits_weak: Tensor, logits_strong: Tensor,
+                    unlabeled_index: Tensor | None) -> MethodOutput:
+        """`losses` on logits of at least float32: the method's own computation."""
         raise NotImplementedError
 
 
@@ -167,15 +160,8 @@ def resolve_options(method: str, declared: dict[str, Option], given: dict) -> di
     if unknown:
         raise TrainConfigError(f"{', '.join(unknown)}: not an option of method {method} "
                                f"(its options: {', '.join(sorted(declared))})")
-    values = {}
-    for name, option in declared.items():
-        value = given.get(name, option.default)
-        if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not option.accepts(value):
-            raise TrainConfigError(f"{name} must be {option.allowed}, got {value!r}")
-        values[name] = value
-    return values
+    return {name: option.check(name, given.get(name, option.default), TrainConfigError)
+            for name, option in declared.items()}
 
 
 def hard_pseudo_labels(logits_weak: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,7 +19,8 @@ data-parallel workers keep the same qhat.
 import torch
 
 from trainables.losses import global_mean, labeled_loss, safe_log, unlabeled_loss
-from trainables.methods.base import Method, MethodOutput, Option, hard_pseudo_labels
+from trainables.methods.base import Method, MethodOutput, hard_pseudo_labels
+from trainables.options import Option
 
 
 class DebiasPL(Method):
@@ -37,11 +38,9 @@ class DebiasPL(Method):
     def initial_state(self):
         return {"qhat": torch.full((self.num_classes,), 1.0 / self.num_classes)}
 
-    def losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index=None) -> MethodOutput:
+    def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index) -> MethodOutput:
         tau, momentum = self.config["tau"], self.config["qhat_m"]
-        out_dtype = logits_x.dtype
-        work_dtype = torch.promote_types(out_dtype, torch.float32)
-        logits_x, logits_weak, logits_strong = (z.to(work_dtype) for z in (logits_x, logits_weak, logits_strong))
+        work_dtype = logits_x.dtype
         qhat = self.state["qhat"].detach()
 
         # 1. Debiased pseudo-labels, with qhat from before this step.
@@ -58,5 +57,4 @@ class DebiasPL(Method):
         unlabeled = unlabeled_loss(adjusted_strong, pseudo_labels, mask, self.collective)
         labeled = labeled_loss(logits_x, labels, collective=self.collective)
         total = labeled + self.config["wu"] * unlabeled
-        return MethodOutput(total=total.to(out_dtype), labeled=labeled.to(out_dtype),
-                            unlabeled=unlabeled.to(out_dtype), mask=mask.to(out_dtype))
+        return MethodOutput(total=total, labeled=labeled, unlabeled=unlabeled, mask=mask)

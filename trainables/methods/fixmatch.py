@@ -9,7 +9,8 @@ import torch
 
 from trainables.errors import TrainConfigError
 from trainables.losses import CAP_FORMS, compute_losses
-from trainables.methods.base import Method, MethodOutput, Option
+from trainables.methods.base import Method, MethodOutput
+from trainables.options import Option
 
 # (cap, cai, cadr) -> the paper's name of the configuration
 PAPER_NAMES = {
@@ -38,11 +39,9 @@ class FixMatch(Method):
     }
 
     @classmethod
-    def validate(cls, options: dict) -> dict:
-        values = super().validate(options)
-        if values["cadr"] and not values["cap"]:
+    def check(cls, options: dict) -> None:
+        if options["cadr"] and not options["cap"]:
             raise TrainConfigError("cadr=True requires cap=True: CADR re-weights with the CAP propensity")
-        return values
 
     @classmethod
     def label(cls, options: dict) -> str:
@@ -50,14 +49,10 @@ class FixMatch(Method):
         return PAPER_NAMES.get(flags, "FixMatch+" + "+".join(n.upper() for n, on in zip(("cap", "cai", "cadr"), flags)
                                                                if on))
 
-    def __init__(self, num_classes, num_unlabeled=0, collective=None, **options):
-        super().__init__(num_classes, num_unlabeled, collective, **options)
-        self.config = self.validate(self.config)
-
     def initial_state(self):
         return {"p_ema": torch.full((self.num_classes,), 1.0 / self.num_classes)}
 
-    def losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index=None) -> MethodOutput:
+    def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index) -> MethodOutput:
         out = compute_losses(logits_x, labels, logits_weak, logits_strong, self.state["p_ema"],
                              collective=self.collective, **self.config)
         self.state["p_ema"] = out.p_new.detach()

@@ -22,7 +22,8 @@ last in rank order) and keeps the same memory and sigma as one process given the
 import torch
 
 from trainables.losses import labeled_loss, unlabeled_loss
-from trainables.methods.base import Method, MethodOutput, Option, hard_pseudo_labels
+from trainables.methods.base import Method, MethodOutput, hard_pseudo_labels
+from trainables.options import Option
 
 UNUSED = -1
 """The memory's entry for a row that has not yet had a confident prediction."""
@@ -50,13 +51,9 @@ class FlexMatch(Method):
             "classwise_acc": torch.zeros(self.num_classes),
         }
 
-    def losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index=None) -> MethodOutput:
-        if unlabeled_index is None:
-            raise ValueError("flexmatch keeps a memory per unlabeled row: losses() needs unlabeled_index")
+    def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index) -> MethodOutput:
         confidence = self.config["confidence"]
-        out_dtype = logits_x.dtype
-        work_dtype = torch.promote_types(out_dtype, torch.float32)
-        logits_x, logits_weak, logits_strong = (z.to(work_dtype) for z in (logits_x, logits_weak, logits_strong))
+        work_dtype = logits_x.dtype
 
         _, max_probs, pseudo_labels = hard_pseudo_labels(logits_weak)
         sigma = self.state["classwise_acc"].to(work_dtype)
@@ -68,8 +65,7 @@ class FlexMatch(Method):
         unlabeled = unlabeled_loss(logits_strong, pseudo_labels, mask, self.collective)
         total = labeled + self.config["wu"] * unlabeled
         unused = (self.state["selected_label"] == UNUSED).float().mean()
-        return MethodOutput(total=total.to(out_dtype), labeled=labeled.to(out_dtype),
-                            unlabeled=unlabeled.to(out_dtype), mask=mask.to(out_dtype),
+        return MethodOutput(total=total, labeled=labeled, unlabeled=unlabeled, mask=mask,
                             stats={"flexmatch/unused": unused})
 
     @torch.no_grad()

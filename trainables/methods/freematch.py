@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.losses import global_mean, labeled_loss, unlabeled_loss
-from trainables.methods.base import Method, MethodOutput, Option, hard_pseudo_labels
+from trainables.methods.base import Method, MethodOutput, hard_pseudo_labels
+from trainables.options import Option
 
 QUANTILE = 0.8
 """Which quantile of the batch's max probabilities tau follows with use_quantile."""
@@ -106,10 +107,8 @@ class FreeMatch(Method):
         # sums floored), so the zero gradient does not turn into NaN.
         return torch.where(present, term, torch.zeros_like(term))
 
-    def losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index=None) -> MethodOutput:
-        out_dtype = logits_x.dtype
-        work_dtype = torch.promote_types(out_dtype, torch.float32)
-        logits_x, logits_weak, logits_strong = (z.to(work_dtype) for z in (logits_x, logits_weak, logits_strong))
+    def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index) -> MethodOutput:
+        work_dtype = logits_x.dtype
 
         labeled = labeled_loss(logits_x, labels, collective=self.collective)
 
@@ -123,7 +122,6 @@ class FreeMatch(Method):
         fairness = self._fairness(logits_strong, mask, p_model, label_hist)
 
         total = labeled + self.config["wu"] * unlabeled + self.config["ent_loss_ratio"] * fairness
-        return MethodOutput(total=total.to(out_dtype), labeled=labeled.to(out_dtype),
-                            unlabeled=unlabeled.to(out_dtype), mask=mask.to(out_dtype),
-                            stats={"loss/entropy": fairness.detach().to(out_dtype),
+        return MethodOutput(total=total, labeled=labeled, unlabeled=unlabeled, mask=mask,
+                            stats={"loss/entropy": fairness.detach(),
                                    "freematch/tau": self.state["time_p"].detach().clone()})

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from trainables.losses import global_mean, labeled_loss, unlabeled_loss
-from trainables.methods.base import Method, MethodOutput, Option, hard_pseudo_labels
+from trainables.methods.base import Method, MethodOutput, hard_pseudo_labels
+from trainables.options import Option
 
 ALIGN_EPS = 1e-6
 """Added to the target and the model distribution in the alignment ratio."""
@@ -70,10 +71,8 @@ class SoftMatch(Method):
         new_var = torch.where(rows > 1, m * var + (1 - m) * batch_var.to(var.dtype), var)
         self.state["prob_max_mu"], self.state["prob_max_var"] = new_mu.detach(), new_var.detach()
 
-    def losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index=None) -> MethodOutput:
-        out_dtype = logits_x.dtype
-        work_dtype = torch.promote_types(out_dtype, torch.float32)
-        logits_x, logits_weak, logits_strong = (z.to(work_dtype) for z in (logits_x, logits_weak, logits_strong))
+    def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index) -> MethodOutput:
+        work_dtype = logits_x.dtype
 
         labeled = labeled_loss(logits_x, labels, collective=self.collective)
 
@@ -88,7 +87,6 @@ class SoftMatch(Method):
         unlabeled = unlabeled_loss(logits_strong, pseudo_labels, mask, self.collective)
 
         total = labeled + self.config["wu"] * unlabeled
-        return MethodOutput(total=total.to(out_dtype), labeled=labeled.to(out_dtype),
-                            unlabeled=unlabeled.to(out_dtype), mask=mask.to(out_dtype),
+        return MethodOutput(total=total, labeled=labeled, unlabeled=unlabeled, mask=mask,
                             stats={"softmatch/mu": self.state["prob_max_mu"].detach().clone(),
                                    "softmatch/var": self.state["prob_max_var"].detach().clone()})

@@ -1,0 +1,77 @@
+"""A study's directory: where it is, whether it exists, and its study.json (the resolved config,
+the metric it selects on, versions, dataset and split checksums)."""
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from study.config import StudyConfig, default_name
+from study.errors import StudyError
+from study.storage import exists, is_uri, join, make_dirs, newest_study, write_bytes
+from study.tune_files import read_json
+from trainables.metrics import split_of
+
+STUDY_FILE = "study.json"
+
+
+def locate(config: StudyConfig, resume: bool) -> tuple[StudyConfig, str]:
+    """The config with its name (a new one, or with --resume and no name the newest study) and
+    the study directory: refused if a new study's exists already, or a resumed one's does not."""
+    storage = config.storage if is_uri(config.storage) else os.path.abspath(config.storage)
+    make_dirs(storage)
+    name = config.name
+    if name is None:
+        if resume:
+            name = newest_study(storage)
+            if name is None:
+                raise StudyError(f"--resume: no study found under {storage}; pass --name")
+        else:
+            name = default_name(config)
+    study_dir = join(storage, name)
+    found = exists(join(study_dir, STUDY_FILE))
+    if resume and not found:
+        raise StudyError(f"--resume: no study at {study_dir}")
+    if not resume and found:
+        raise StudyError(f"study {study_dir} already exists: pass --resume to continue it, or another --name")
+    return config.replace(name=name), study_dir
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("mnar-ssl-study", "ray", "torch", "torchvision", "optuna", "numpy", "pyarrow"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, splits: dict) -> None:
+    """study.json: the resolved config, the metric the study selects on, versions, dataset and
+    split checksums (written whole or not at all)."""
+    record = {
+        "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metric": config.metric, "mode": config.mode, "selected_on": split_of(config.metric),
+        "config": config.to_dict(), "swept": list(space),
+        "space": {name: dist.describe() for name, dist in space.items()},
+        "versions": versions(),
+        "dataset": {"name": info.name, "checksum": info.checksum, "source_sha256": info.meta["source_sha256"],
+                    "num_classes": info.num_classes, "classes": info.meta["classes"]},
+        "splits": splits,
+    }
+    make_dirs(study_dir)
+    write_bytes(join(study_dir, STUDY_FILE), json.dumps(record, indent=2).encode())
+
+
+def read_study_json(study_dir: Path) -> dict:
+    """A local study directory's study.json ({} if it has none)."""
+    path = Path(study_dir) / STUDY_FILE
+    if not path.exists():
+        return {}
+    study = read_json(path)
+    if not isinstance(study, dict):
+        raise StudyError(f"{path} is not a valid study file (expected a JSON object)")
+    return study

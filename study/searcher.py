@@ -1,0 +1,106 @@
+"""How a study chooses its trials: Optuna (TPE or random sampling) behind the fixed points, or a
+grid, and the scheduler that stops the weak ones early, all on the study's one metric."""
+
+import os
+
+from ray.tune.search import Searcher
+
+from search_spaces.spaces import to_optuna, to_tune
+from study.config import StudyConfig
+from study.errors import StudyError
+from study.tune_files import FIXED, GRID, SEARCH
+
+
+class FixedPointsFirst(Searcher):
+    """Suggest whole fixed configurations first, then defer to an inner searcher.
+
+    Every suggestion gets a label: a fixed point's own, a named starting point's own (the inner
+    searcher suggests its `points_to_evaluate` first, in order), else "search". Results of fixed
+    points are not fed to the inner searcher: they lie outside its space."""
+
+    def __init__(self, searcher, fixed_points, metric, mode, start_labels=()):
+        super().__init__(metric=metric, mode=mode)
+        self.searcher, self.pending = searcher, list(fixed_points)
+        self.start_labels = list(start_labels)  # the labels of the inner searcher's first suggestions
+        self.fixed_trials = set()
+
+    def set_search_properties(self, metric, mode, config, **spec):
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id):
+        if self.pending:
+            self.fixed_trials.add(trial_id)
+            return {"label": FIXED, **self.pending.pop(0)}
+        suggestion = self.searcher.suggest(trial_id)
+        if not isinstance(suggestion, dict):
+            return suggestion
+        return {"label": self.start_labels.pop(0) if self.start_labels else SEARCH, **suggestion}
+
+    def on_trial_result(self, trial_id, result):
+        if trial_id not in self.fixed_trials:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id not in self.fixed_trials:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    # Tune saves the inner searcher itself; a wrapper keeps only its own state.
+    def get_state(self):
+        return {"pending": self.pending, "fixed_trials": self.fixed_trials, "start_labels": self.start_labels}
+
+    def set_state(self, state):
+        self.__dict__.update(state)
+
+
+def optuna_storage(config: StudyConfig, study_dir: str) -> str | None:
+    """The study's Optuna storage URL, `{study}` replaced by the (local) study directory, or None
+    when the search keeps its Optuna study in memory."""
+    url = config.search.storage
+    if url is None or "{study}" not in url:
+        return url
+    return url.replace("{study}", os.path.abspath(study_dir.removeprefix("file://")))
+
+
+def build_searcher(config: StudyConfig, space: dict, study_dir: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = config.search
+    if search.algorithm == "grid":
+        return None, {**to_tune(space), "label": GRID}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is noise here
+    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
+               else optuna.samplers.RandomSampler(seed=search.seed))
+    starts = [{k: v for k, v in point.items() if k != "label"} for point in search.points_to_evaluate]
+    optuna_search = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
+                                 points_to_evaluate=starts or None, sampler=sampler,
+                                 storage=_optuna_database(optuna_storage(config, study_dir)), study_name=config.name)
+    fixed = [{"label": p.get("label", FIXED), **p} for p in search.fixed_points]
+    start_labels = [point.get("label", SEARCH) for point in search.points_to_evaluate]
+    return FixedPointsFirst(optuna_search, fixed, config.metric, config.mode, start_labels), {}
+
+
+def _optuna_database(url: str | None):
+    import optuna
+    import sqlalchemy.exc
+
+    if url is None:
+        return None
+    try:
+        return optuna.storages.RDBStorage(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StudyError(f"search.storage {url}: Optuna cannot open it ({' '.join(str(exc).split())[:200]})") from None
+
+
+def build_scheduler(config: StudyConfig):
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    scheduler = config.scheduler
+    reports = -(-config.train.steps // config.train.eval_every)
+    if scheduler.name == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                             grace_period=min(scheduler.grace_period, reports))
+    if scheduler.name == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=scheduler.grace_period,
+                                  min_samples_required=3)
+    return None

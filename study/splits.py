@@ -1,0 +1,57 @@
+"""The splits of a study: cut (or checked) before any trial starts, and decoded once into Ray's
+object store for TorchTrainer trials (in-trial runs read their arrays in the trial process)."""
+
+from data_prep.parquet import open_dataset
+from data_prep.splits import load_split, make_split, save_split, split_path
+from study.config import StudyConfig
+from study.errors import StudyError
+
+
+def prepare_splits(config: StudyConfig, space: dict) -> dict:
+    """Create (or check) every split the study can use, before any trial starts, so an imbalance
+    the dataset cannot support fails here. Returns {split name: counts, dataset checksum and whether
+    it was cut now ("created")}."""
+    info = open_dataset(config.dataset, config.data_root)
+    gammas_l = space["gamma_l"].values if "gamma_l" in space else [config.split.gamma_l]
+    gammas_u = space["gamma_u"].values if "gamma_u" in space else [config.split.gamma_u]
+    if config.split.kind != "lt" and ("gamma_l" in space or "gamma_u" in space):
+        raise StudyError("sweeping gamma_l / gamma_u needs split.kind: lt")
+    splits = {}
+    for gamma_l in gammas_l:
+        for gamma_u in gammas_u:
+            spec = config.split_spec({"gamma_l": gamma_l, "gamma_u": gamma_u})
+            name = spec.default_name(info.name)
+            created = not split_path(info, name).is_file()
+            if created:
+                split = make_split(info, spec)
+                save_split(info, split)
+            else:
+                split = load_split(info, name, create=False)
+            splits[name] = {"created": created,
+                            "labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
+                            "labeled_counts": split.labeled_counts, "valid": len(split.valid_indices),
+                            "valid_kind": split.spec.valid_kind if split.has_validation else None,
+                            "valid_counts": split.valid_counts, "dataset_checksum": split.dataset_checksum}
+    return splits
+
+
+def decode_once(config: StudyConfig, split_names) -> dict:
+    """Every split's Ray datasets (labeled, unlabeled, valid, test), read and decoded once into
+    Ray's object store, for TorchTrainer trials: each trial's workers then take their shards from
+    memory instead of reading and decoding the Parquet files again. {split name: datasets}."""
+    import time
+
+    from data_prep.loading import ray_datasets
+
+    decoded, test = {}, None
+    for name in split_names:
+        start = time.perf_counter()
+        datasets = ray_datasets(config.dataset, name, config.data_root, verify=False)
+        if test is None:
+            test = datasets["test"].materialize()
+        decoded[name] = {**{part: data.materialize() for part, data in datasets.items() if part != "test"},
+                         "test": test}  # the test split is the same for every split
+        size = sum(data.size_bytes() for data in decoded[name].values())
+        print(f"split {name}: decoded once for every trial ({size / 2**20:.0f} MiB in Ray's object store, "
+              f"{time.perf_counter() - start:.1f} s)")
+    return decoded
