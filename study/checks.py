@@ -11,6 +11,7 @@ from search_spaces import SpaceError, validate_space
 from search_spaces.spaces import Grid, Uniform, grid_size, is_grid
 from study.config import SPLIT_PARAMETERS, StudyConfig
 from study.errors import StudyError
+from study.method_spaces import COMPLEMENT
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.methods import option_names
@@ -24,7 +25,9 @@ OPTUNA_DATABASES = ("sqlite", "postgresql", "mysql")  # Optuna's RDB storage, as
 def checked(config: StudyConfig) -> tuple[StudyConfig, dict]:
     """Check everything that can be checked without Ray. Returns the config as the study runs it
     (a space of grids only is searched as a grid) and its resolved space (a grid repeated
-    num_samples times sweeps the seed)."""
+    num_samples times sweeps the seed; a compare study: {method: its space})."""
+    if config.compare.methods:
+        return config, _checked_compare(config)
     try:
         space = config.resolved_space()
         config.split_spec()
@@ -64,14 +67,17 @@ def searchable() -> set[str]:
     """Every parameter a space may name: training fields, the methods' options (from the
     registry), `method`, `variant` and the split's imbalance ratios."""
     train = {f.name for f in fields(TrainConfig)} - set(NOT_SEARCHABLE)
-    return train | option_names() | {"variant", *SPLIT_PARAMETERS}
+    options = train | option_names()
+    return options | {COMPLEMENT + name for name in options} | {"variant", *SPLIT_PARAMETERS}
 
 
-def check_space_values(config: StudyConfig, space: dict) -> None:
+def check_space_values(config: StudyConfig, space: dict, base: dict | None = None) -> None:
     """Every value the space can produce goes through the checks training (or the split) applies,
     so a value a trial would reject fails here, naming the parameter. Then every combination of
     the categorical values (choices and grids: methods, variants, flags) is checked together, so
-    e.g. cadr on with cap off fails here too."""
+    e.g. cadr on with cap off fails here too. `base`: params every trial has (a compare stage's
+    variant)."""
+    base = base or {}
     unknown = sorted(set(space) - searchable())
     if unknown:
         raise StudyError(f"unknown space parameter(s) {', '.join(unknown)} (searchable: "
@@ -85,7 +91,7 @@ def check_space_values(config: StudyConfig, space: dict) -> None:
                 if name in SPLIT_PARAMETERS:
                     config.split_spec({name: value})
                 else:
-                    config.train_config({name: value})
+                    config.train_config({**base, name: value})
             except (TrainConfigError, DataPrepError) as exc:
                 raise StudyError(f"space parameter {name}={value!r} would fail in training: {exc}") from None
     categorical = {name: dist.values for name, dist in space.items()
@@ -94,7 +100,7 @@ def check_space_values(config: StudyConfig, space: dict) -> None:
     for values in combinations if len(categorical) > 1 else ():
         params = dict(zip(categorical, values))
         try:
-            config.train_config(params)
+            config.train_config({**base, **params})
         except TrainConfigError as exc:
             raise StudyError(f"space values {params} would fail in training together: {exc}") from None
 
@@ -131,7 +137,49 @@ def _repeats_as_seeds(space: dict, repeats: int, base_seed: int) -> dict:
     return {**space, "seed": Grid(tuple(base_seed + r for r in range(repeats)))}
 
 
+def _checked_compare(config: StudyConfig) -> dict:
+    """A compare study: every method's space checked for that method, the same budget for all."""
+    from study.compare import defaults_point, method_spaces
+
+    search = config.search
+    if search.algorithm == "grid":
+        raise StudyError("a compare study searches each method with Optuna (search.algorithm optuna or random)")
+    if search.fixed_points or search.points_to_evaluate:
+        raise StudyError("a compare study runs each method's reference defaults first and the same budget for "
+                         "every method: remove search.fixed_points and search.points_to_evaluate")
+    if config.train.seed in config.compare.confirm_seeds:
+        raise StudyError(f"compare.confirm_seeds: {config.train.seed} is the search's seed (train.seed); "
+                         "confirmation seeds must be fresh")
+    if search.storage is not None:
+        _check_optuna_storage(config)
+    try:
+        config.split_spec()
+        spaces = method_spaces(config)
+        for space in spaces.values():
+            validate_space(space)
+    except SpaceError as exc:
+        raise StudyError(str(exc)) from None
+    except DataPrepError as exc:
+        raise StudyError(f"split: {exc}") from None
+    for method, space in spaces.items():
+        fixed = sorted(set(space) & {*SPLIT_PARAMETERS, "variant", "seed"})
+        if fixed:
+            raise StudyError(f"a compare study's space may not sweep {', '.join(fixed)}: every method trains on the "
+                             "same split, with the same seeds")
+        if not space:
+            raise StudyError(f"method {method} has nothing to search: its space is empty")
+        try:
+            check_space_values(config, space, {"variant": method})
+        except StudyError as exc:
+            raise StudyError(f"compare.methods {method}: {exc}") from None
+        config.train_config({"variant": method, **defaults_point(config, method, space)})
+    return spaces
+
+
 def planned_trials(config: StudyConfig, space: dict) -> int:
     """Trials of the study; `space` is checked()'s (grid repeats are already its seeds)."""
+    if config.compare.methods:
+        compare = config.compare
+        return len(compare.methods) * (compare.trials_per_method + 2 * len(compare.confirm_seeds))
     searched = grid_size(space) if config.search.algorithm == "grid" else config.search.num_samples
     return searched + len(config.search.fixed_points)

@@ -30,9 +30,10 @@ from pathlib import Path
 import yaml
 
 from data_prep.splits import KINDS, VALID_KINDS, SplitSpec
-from search_spaces import VARIANTS, get_space
+from search_spaces import get_space
 from search_spaces.spaces import space_from_dict
 from study.errors import StudyError
+from study.method_spaces import named_space, training_values, variant_settings
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.metrics import METRICS, default_metric, split_of
@@ -43,6 +44,8 @@ SCHEDULERS = ("asha", "median", "none")
 TRAINERS = ("auto", "torch_trainer", "in_trial")
 ALGORITHMS = ("optuna", "random", "grid")
 SPLIT_PARAMETERS = ("gamma_l", "gamma_u")  # swept by cutting one split per value, not training options
+TAGS = ("label", "stage", "config")  # what a trial's params say about it, besides what it trains
+DEFAULT_SPACE = "thresholds"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,32 @@ class SchedulerConfig(Declared):
 
 
 @dataclass(frozen=True)
+class CompareConfig(Declared):
+    """A compare study (docs/method.md, "Comparing methods"): every method tuned with the same
+    budget on validation, then its winner and its defaults confirmed with fresh seeds."""
+
+    where, error = "compare.", StudyError
+
+    methods: list = option([], "the methods (or variants: cadr, cap, ...) compared; empty: not a compare study")
+    trials_per_method: int = option(8, "stage 1: searched trials of every method, its reference defaults first",
+                                    low=1)
+    confirm_seeds: list = option([100, 101, 102], "stage 2: training seeds every method's winner and defaults run "
+                                 "with, the same for every method (never the search's seed)")
+
+    def check(self):
+        if len(set(map(str, self.methods))) != len(self.methods):
+            raise StudyError(f"compare.methods names a method twice: {self.methods}")
+        for method in self.methods:
+            variant_settings(method)
+        if self.methods and not self.confirm_seeds:
+            raise StudyError("compare.confirm_seeds: at least one seed")
+        if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in self.confirm_seeds):
+            raise StudyError(f"compare.confirm_seeds must be whole numbers, got {self.confirm_seeds}")
+        if len(set(self.confirm_seeds)) != len(self.confirm_seeds):
+            raise StudyError(f"compare.confirm_seeds repeats a seed: {self.confirm_seeds}")
+
+
+@dataclass(frozen=True)
 class StudyResources(Resources):
     """A trial's resources: a run's (trainables/resources.py), and how a trial drives it."""
 
@@ -155,8 +184,9 @@ class StudyConfig(Declared):
     split: SplitConfig = section(SplitConfig)
     # The training config every trial starts from (its dataset and data root are the study's).
     train: TrainConfig = field(default_factory=TrainConfig)
-    space: object = option("thresholds", "named search space(s), joined with '+' (see --list-spaces), or a mapping "
-                           "{param: {uniform: [lo, hi]}}", kind=object)
+    space: object = option(None, "named search space(s), joined with '+' (see --list-spaces; method:<name> is a "
+                           "method's own space, from the registry), or a mapping {param: {uniform: [lo, hi]}} "
+                           "(default: thresholds; in a compare study each method's own space)", kind=object)
     # The one number the study searches (Optuna), prunes (ASHA) and ranks (report) on.
     metric: str | None = option(None, "what the study searches, prunes and ranks on (default: "
                                 f"{default_metric(True)}, or its test_ twin on a split without a validation set)",
@@ -165,12 +195,13 @@ class StudyConfig(Declared):
     baseline: str | None = option("fixmatch", "what the report compares the winner with: a trial label, variant or "
                                   "group name", kind=str)
     search: SearchConfig = section(SearchConfig)
+    compare: CompareConfig = section(CompareConfig)
     scheduler: SchedulerConfig = section(SchedulerConfig)
     resources: StudyResources = section(StudyResources)
     address: str | None = option(None, "Ray cluster address (default: start a local Ray)", kind=str)
 
     def check(self):
-        if not isinstance(self.space, (str, dict)):
+        if self.space is not None and not isinstance(self.space, (str, dict)):
             raise StudyError(f"space must be a named space or a mapping of parameters, got {self.space!r}")
         if (self.train.dataset, self.train.data_root) != (self.dataset, self.data_root):
             raise StudyError("the train section's dataset and data_root are the study's: set them at the top level")
@@ -206,10 +237,23 @@ class StudyConfig(Declared):
 
     @property
     def space_name(self) -> str:
+        if self.space is None:
+            return "compare" if self.compare.methods else DEFAULT_SPACE
         return self.space if isinstance(self.space, str) else "custom"
 
     def resolved_space(self) -> dict:
-        return space_from_dict(self.space) if isinstance(self.space, dict) else get_space(self.space)
+        """The space every searched trial samples from (a compare study without a space: each
+        method's own, study/method_spaces.py)."""
+        if isinstance(self.space, dict):
+            return space_from_dict(self.space)
+        space = {}
+        for part in (self.space or DEFAULT_SPACE).split("+"):
+            found = named_space(part.strip()) or get_space(part.strip())
+            overlap = set(space) & set(found)
+            if overlap:
+                raise StudyError(f"spaces in '{self.space}' both set {', '.join(sorted(overlap))}")
+            space.update(found)
+        return space
 
     def split_spec(self, params: dict | None = None) -> SplitSpec:
         """The split of a trial: the study's base split with the trial's gamma_l / gamma_u."""
@@ -227,11 +271,12 @@ class StudyConfig(Declared):
 
 
 def trial_overrides(params: dict) -> dict:
-    """Trial params -> training values: a variant becomes its method and options; the label and
-    the split parameters (gamma_l, gamma_u) are not training options and are left out."""
-    out = {k: v for k, v in params.items() if k not in ("variant", "label", *SPLIT_PARAMETERS)}
+    """Trial params -> training values: a variant becomes its method and options, `1-<name>`
+    parameters their option (study/method_spaces.py); the trial's tags and the split parameters
+    (gamma_l, gamma_u) are not training options and are left out."""
+    out = training_values({k: v for k, v in params.items() if k not in ("variant", *TAGS, *SPLIT_PARAMETERS)})
     if "variant" in params:
-        out.update(VARIANTS[params["variant"]])
+        out.update(variant_settings(params["variant"]))
     return out
 
 

@@ -55,8 +55,7 @@ def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, spl
     record = {
         "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metric": config.metric, "mode": config.mode, "selected_on": split_of(config.metric),
-        "config": config.to_dict(), "swept": list(space),
-        "space": {name: dist.describe() for name, dist in space.items()},
+        "config": config.to_dict(), **_space_record(config, space),
         "versions": versions(),
         "dataset": {"name": info.name, "checksum": info.checksum, "source_sha256": info.meta["source_sha256"],
                     "num_classes": info.num_classes, "classes": info.meta["classes"]},
@@ -64,6 +63,15 @@ def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, spl
     }
     make_dirs(study_dir)
     write_bytes(join(study_dir, STUDY_FILE), json.dumps(record, indent=2).encode())
+
+
+def _space_record(config: StudyConfig, space: dict) -> dict:
+    """What the study sweeps: its parameters and their ranges (a compare study: per method)."""
+    if config.compare.methods:
+        return {"swept": sorted({name for method_space in space.values() for name in method_space}),
+                "space": {method: {name: dist.describe() for name, dist in method_space.items()}
+                          for method, method_space in space.items()}}
+    return {"swept": list(space), "space": {name: dist.describe() for name, dist in space.items()}}
 
 
 def read_study_json(study_dir: Path) -> dict:

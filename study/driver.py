@@ -21,6 +21,7 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
     import ray
     import ray.data
 
+    from study.compare import run_stages
     from study.report import write_report
     from study.splits import decode_once
     from study.tuner import build_tuner, restore_tuner
@@ -44,8 +45,16 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     # In-trial runs load their arrays in the trial process (a reused trial actor keeps them).
     datasets = None if config.resources.in_trial() else decode_once(config, splits)
-    tuner = restore_tuner(config, study_dir, cluster_cpus, datasets) if resume else \
-        build_tuner(config, space, study_dir, cluster_cpus, datasets)
+    if config.compare.methods:
+        def run_trials():
+            return run_stages(config, study_dir, cluster_cpus, datasets)
+    else:
+        tuner = restore_tuner(config, study_dir, cluster_cpus, datasets) if resume else \
+            build_tuner(config, space, study_dir, cluster_cpus, datasets)
+
+        def run_trials():
+            tuner.fit()
+            return None
     # Under `ray job submit` the current directory is the job's copy of the project, which Ray
     # deletes and unpacks again when the trials' workers start; Tune's last bookkeeping then fails
     # on a current directory that no longer exists. Every path the study uses is absolute by now.
@@ -54,7 +63,7 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
     logging.getLogger("ray").handlers.insert(0, watch)
     try:
         watch.stopping = True
-        tuner.fit()
+        stopped_in = run_trials()
         watch.stopping = False
         ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
         problem = watch.problem or storage_failure(study_dir)
@@ -70,6 +79,10 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
     if problem is not None:
         raise storage_failed(study_dir, problem)
     print_summary(report, study_dir)
+    if stopped_in is not None:
+        print(f"the study stopped in its {stopped_in} stage before its trials ended; continue it: python -m "
+              f"study.launch --storage {config.storage} --name {config.name} --resume", file=sys.stderr)
+        return 130
     if report.best is None:  # every trial failed: say why in one line
         failure = next((t.error for t in report.trials if t.status == "ERROR" and t.error), None)
         why = f"; the first failure: {failure}" if failure else ""

@@ -11,17 +11,36 @@ from study.errors import StudyError
 from study.tune_files import FIXED, GRID, SEARCH
 
 
+class NothingToSearch(Searcher):
+    """The inner searcher of a search made of fixed points only (a compare study's stage 2)."""
+
+    def suggest(self, trial_id):
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb"):  # nothing to keep: the wrapper's own state is the search
+            pass
+
+    def restore(self, checkpoint_path: str):
+        pass
+
+
 class FixedPointsFirst(Searcher):
     """Suggest whole fixed configurations first, then defer to an inner searcher.
 
     Every suggestion gets a label: a fixed point's own, a named starting point's own (the inner
-    searcher suggests its `points_to_evaluate` first, in order), else "search". Results of fixed
-    points are not fed to the inner searcher: they lie outside its space."""
+    searcher suggests its `points_to_evaluate` first, in order), else "search"; and the
+    `constants` (what every trial of this search shares, e.g. a compare stage's method). Results
+    of fixed points are not fed to the inner searcher: they lie outside its space."""
 
-    def __init__(self, searcher, fixed_points, metric, mode, start_labels=()):
+    def __init__(self, searcher, fixed_points, metric, mode, start_labels=(), constants=None):
         super().__init__(metric=metric, mode=mode)
         self.searcher, self.pending = searcher, list(fixed_points)
         self.start_labels = list(start_labels)  # the labels of the inner searcher's first suggestions
+        self.constants = dict(constants or {})
         self.fixed_trials = set()
 
     def set_search_properties(self, metric, mode, config, **spec):
@@ -30,11 +49,11 @@ class FixedPointsFirst(Searcher):
     def suggest(self, trial_id):
         if self.pending:
             self.fixed_trials.add(trial_id)
-            return {"label": FIXED, **self.pending.pop(0)}
+            return {"label": FIXED, **self.constants, **self.pending.pop(0)}
         suggestion = self.searcher.suggest(trial_id)
         if not isinstance(suggestion, dict):
             return suggestion
-        return {"label": self.start_labels.pop(0) if self.start_labels else SEARCH, **suggestion}
+        return {"label": self.start_labels.pop(0) if self.start_labels else SEARCH, **self.constants, **suggestion}
 
     def on_trial_result(self, trial_id, result):
         if trial_id not in self.fixed_trials:
@@ -46,7 +65,8 @@ class FixedPointsFirst(Searcher):
 
     # Tune saves the inner searcher itself; a wrapper keeps only its own state.
     def get_state(self):
-        return {"pending": self.pending, "fixed_trials": self.fixed_trials, "start_labels": self.start_labels}
+        return {"pending": self.pending, "fixed_trials": self.fixed_trials, "start_labels": self.start_labels,
+                "constants": self.constants}
 
     def set_state(self, state):
         self.__dict__.update(state)
@@ -61,23 +81,29 @@ def optuna_storage(config: StudyConfig, study_dir: str) -> str | None:
     return url.replace("{study}", os.path.abspath(study_dir.removeprefix("file://")))
 
 
-def build_searcher(config: StudyConfig, space: dict, study_dir: str):
+def build_searcher(config: StudyConfig, space: dict, study_dir: str, experiment: str | None = None,
+                   constants: dict | None = None):
+    """The search algorithm and Tune's param_space: a grid, or the fixed points first, then Optuna
+    over the space (none where the space is empty: the fixed points are the whole search)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     search = config.search
     if search.algorithm == "grid":
-        return None, {**to_tune(space), "label": GRID}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is noise here
-    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
-               else optuna.samplers.RandomSampler(seed=search.seed))
-    starts = [{k: v for k, v in point.items() if k != "label"} for point in search.points_to_evaluate]
-    optuna_search = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
-                                 points_to_evaluate=starts or None, sampler=sampler,
-                                 storage=_optuna_database(optuna_storage(config, study_dir)), study_name=config.name)
+        return None, {**to_tune(space), "label": GRID, **(constants or {})}
+    inner = NothingToSearch(metric=config.metric, mode=config.mode)
+    if space:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is noise here
+        sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
+                   else optuna.samplers.RandomSampler(seed=search.seed))
+        starts = [{k: v for k, v in point.items() if k != "label"} for point in search.points_to_evaluate]
+        inner = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
+                                     points_to_evaluate=starts or None, sampler=sampler,
+                                     storage=_optuna_database(optuna_storage(config, study_dir)),
+                                     study_name=config.name + (f"-{experiment}" if experiment else ""))
     fixed = [{"label": p.get("label", FIXED), **p} for p in search.fixed_points]
     start_labels = [point.get("label", SEARCH) for point in search.points_to_evaluate]
-    return FixedPointsFirst(optuna_search, fixed, config.metric, config.mode, start_labels), {}
+    return FixedPointsFirst(inner, fixed, config.metric, config.mode, start_labels, constants), {}
 
 
 def _optuna_database(url: str | None):

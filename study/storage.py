@@ -99,6 +99,18 @@ def write_bytes(location: str, data: bytes) -> None:
         raise StudyError(f"cannot write {location}: {exc}{WRITE_AGAIN}") from None
 
 
+def read_bytes(location: str) -> bytes | None:
+    """A file's bytes, or None if there is no such file."""
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except FileNotFoundError:
+        return None
+    except ERRORS as exc:
+        raise StudyError(f"cannot read {location}: {exc}") from None
+
+
 def write_whole(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a file on a pyarrow filesystem whole: to a temporary name beside it, then moved into
     place (a rename on local disks; on object stores the object appears complete or not at all)."""

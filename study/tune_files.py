@@ -13,6 +13,10 @@ A study directory, as Tune writes it (study.json and finished/ are the launcher'
 
 Trial labels: `fixed` (a fixed point, run as given), `search` (suggested by the searcher),
 `grid` (a grid search's); a starting point or fixed point may carry a label of its own.
+
+A compare study (study/compare.py) keeps one Tune experiment per stage and method in its
+directory: search-<method>/ (stage 1), confirm/ (stage 2), and compare.json (the stage-1 winners);
+its trials' `stage` tag says search or confirm, their `config` tag defaults or tuned.
 """
 
 import json
@@ -26,12 +30,25 @@ from study.errors import StudyError
 from study.storage import ERRORS, filesystem, join
 
 FIXED, SEARCH, GRID = "fixed", "search", "grid"
+STAGE_SEARCH, STAGE_CONFIRM = "search", "confirm"  # a compare study's stages (and confirm/, its experiment)
+DEFAULTS, TUNED = "defaults", "tuned"  # a confirmation's `config` tag (and stage 1's first label)
+WINNERS_FILE = "compare.json"
 GENERIC_LABELS = ("", SEARCH, GRID, FIXED)  # how a trial came to be, not what it trained
 FINISHED = "finished"  # <study>/finished/<trial id>.json
 STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"
 SEARCHER_PREFIX = "searcher-state-"
 TUNER_FILE = "tuner.pkl"
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def search_experiment(method: str) -> str:
+    """Where a compare study's stage 1 for `method` lives."""
+    return f"{STAGE_SEARCH}-{method}"
+
+
+def compare_experiments(methods) -> list[str]:
+    """A compare study's Tune experiments, in the order they run."""
+    return [search_experiment(method) for method in methods] + ([STAGE_CONFIRM] if methods else [])
 
 
 def trial_dirname(trial) -> str:

@@ -10,17 +10,20 @@ from study.checks import planned_trials
 from study.config import StudyConfig
 from study.errors import StudyError
 from study.searcher import build_scheduler, build_searcher
-from study.storage import ERRORS, split_uri
+from study.storage import ERRORS, join, split_uri
 from study.tensorboard import StudyTensorBoard
 from study.trial import MAX_FAILURES, build_trainable
 from study.tune_files import damaged_state, trial_dirname
 
 
-def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: float, datasets=None):
-    """A Tuner for the study (new), ready to fit. datasets: decode_once's, for TorchTrainer trials."""
-    searcher, param_space = build_searcher(config, space, study_dir)
+def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: float, datasets=None, *,
+                experiment: str | None = None, constants: dict | None = None, trials: int | None = None):
+    """A Tuner for the study (new), ready to fit. datasets: decode_once's, for TorchTrainer trials.
+    A compare study runs several: each `experiment` is a Tune experiment of its own in the study
+    directory, its trials sharing `constants` (their stage and method), `trials` in all."""
+    searcher, param_space = build_searcher(config, space, study_dir, experiment, constants)
     trainable = build_trainable(config, study_dir, cluster_cpus, datasets)
-    num_samples = 1 if searcher is None else planned_trials(config, space)  # a grid's repeats are in its seeds
+    num_samples = 1 if searcher is None else trials or planned_trials(config, space)  # a grid's repeats: seeds
     tune_config = tune.TuneConfig(
         metric=config.metric, mode=config.mode, search_alg=searcher,  # the scheduler prunes on it too
         scheduler=build_scheduler(config), num_samples=num_samples,
@@ -29,7 +32,7 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     )
     # In-trial runs restart from the trial's last checkpoint; TorchTrainer runs restart inside Train.
     failures = tune.FailureConfig(max_failures=MAX_FAILURES if config.resources.in_trial() else 0)
-    storage, name = split_uri(study_dir)
+    storage, name = split_uri(join(study_dir, experiment) if experiment else study_dir)
     # Tune's own loggers but its TensorBoard one (see `logger_callbacks`).
     loggers = [CSVLoggerCallback(), JsonLoggerCallback(), StudyTensorBoard()]
     # verbose=0: the trials' own progress lines are the study's console, not Tune's tables too.
@@ -41,20 +44,23 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
-def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float, datasets=None):
-    """The interrupted study's Tuner: finished trials are kept, unfinished and errored ones rerun."""
-    if not tune.Tuner.can_restore(study_dir):
-        raise StudyError(f"nothing to resume at {study_dir} (no Tune experiment state there)")
-    damaged = damaged_state(study_dir)
+def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float, datasets=None, *,
+                  experiment: str | None = None):
+    """The interrupted study's Tuner (or one `experiment` of a compare study): finished trials are
+    kept, unfinished and errored ones rerun."""
+    path = join(study_dir, experiment) if experiment else study_dir
+    if not tune.Tuner.can_restore(path):
+        raise StudyError(f"nothing to resume at {path} (no Tune experiment state there)")
+    damaged = damaged_state(path)
     if damaged:
-        raise StudyError(f"cannot resume {study_dir}: {damaged} is damaged (empty or cut short, as a storage failure "
+        raise StudyError(f"cannot resume {path}: {damaged} is damaged (empty or cut short, as a storage failure "
                          "leaves it); `python -m study.report` still lists every trial; run the study again under "
                          "another --name")
     try:
-        return tune.Tuner.restore(study_dir, trainable=build_trainable(config, study_dir, cluster_cpus, datasets),
+        return tune.Tuner.restore(path, trainable=build_trainable(config, study_dir, cluster_cpus, datasets),
                                   resume_unfinished=True, resume_errored=True)
     except (*ERRORS, EOFError, KeyError, pickle.UnpicklingError) as exc:
         # Never restarted from scratch behind the user's back: the finished trials stay on disk.
-        raise StudyError(f"cannot resume {study_dir}: its Tune state is damaged ({type(exc).__name__}: "
+        raise StudyError(f"cannot resume {path}: its Tune state is damaged ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]}); `python -m study.report` still lists its trials; run "
                          "the study again under another --name") from None

@@ -58,7 +58,7 @@ class TrainConfig(Declared):
     batch_size: int = option(64, "B labeled images per step, global: split across the workers", low=1)
     mu: int = option(7, "unlabeled images per labeled image (mu*B per step)", low=1)
     lr: float = option(0.03, "learning rate, with FixMatch's cosine schedule lr * cos(7 pi k / (16 K))",
-                       low=0, low_open=True)
+                       low=0, low_open=True, search={"loguniform": [0.01, 0.1]})
     momentum: float = option(0.9, "SGD (Nesterov) momentum", low=0, high=1, high_open=True)
     wd: float = option(5e-4, "weight decay on convolution and linear weights", low=0)
     ema_decay: float = option(0.999, "decay of the EMA weights (the evaluated model)", low=0, high=1, high_open=True)

@@ -13,7 +13,9 @@ from trainables.metrics import (
     class_metric_name,
     geometric_mean_accuracy,
     metric_name,
+    pack_classes,
     per_class_accuracy,
+    rows_name,
 )
 from trainables.step import TrainState, normalize, to_unit_float
 
@@ -45,6 +47,7 @@ def evaluate(model, images, labels, num_classes, device, **kwargs) -> dict:
         "gm": float(geometric_mean_accuracy(per_class, num_classes)),
         "balanced_accuracy": balanced_accuracy(per_class),
         "per_class_accuracy": [float(a) for a in per_class],
+        "predictions": predictions,
     }
 
 
@@ -55,7 +58,8 @@ def evaluation_metrics(state: TrainState, config: TrainConfig, eval_sets: dict, 
     Per split s: s_accuracy, s_gm, s_balanced_accuracy (this evaluation), their medians over the
     last 10 / 20 evaluations (s_gm_median_10, ...) and s_class_accuracy/<c>; plus the mean step
     statistics since the last evaluation (`step_means`) and each per-class state vector of the
-    method (p_ema/<c>, ...)."""
+    method (p_ema/<c>, ...). The validation split's predictions and labels, row by row, come too
+    (packed text: valid_predictions, valid_labels), so that a report can resample its rows."""
     metrics = {"step": state.step, **step_means}
     current = {}
     for split, (images, labels) in eval_sets.items():
@@ -65,6 +69,9 @@ def evaluation_metrics(state: TrainState, config: TrainConfig, eval_sets: dict, 
                           batch_size=config.eval_batch_size, channels_last=config.channels_last)
         current.update({metric_name(split, measure): result[measure] for measure in MEASURES})
         metrics.update({class_metric_name(split, c): a for c, a in enumerate(result["per_class_accuracy"])})
+        if split == "valid":
+            metrics[rows_name(split, "predictions")] = pack_classes(result["predictions"])
+            metrics[rows_name(split, "labels")] = pack_classes(labels)
     state.tracker.update(current)
     metrics.update(current)
     for name, summary in state.tracker.summary().items():  # name: metric_name(split, measure)

@@ -146,7 +146,8 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
                 checkpoint_dir = directory
                 if writer is not None:
                     for key, value in metrics.items():
-                        writer.add_scalar(key, value, state.step)
+                        if not isinstance(value, str):  # the packed validation rows are for reports
+                            writer.add_scalar(key, value, state.step)
                     writer.flush()
                 context.log(progress_line(metrics, config.steps))
             else:

@@ -6,6 +6,7 @@ Inputs may be torch tensors or numpy arrays; pure functions, no I/O.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,25 @@ WINDOWS = ("", *(f"median_{window}" for window in MEDIAN_WINDOWS))  # "": this e
 
 def metric_name(split: str, measure: str, window: str = "") -> str:
     return f"{split}_{measure}" + (f"_{window}" if window else "")
+
+
+def rows_name(split: str, what: str) -> str:
+    """The key of a split's per-row record in an evaluation's results: valid_predictions,
+    valid_labels (packed with `pack_classes`), so that a report can resample the rows."""
+    return f"{split}_{what}"
+
+
+def pack_classes(values) -> str:
+    """Class indices (N,) as a short text: "u8:" or "u16:" and the base64 of the array's bytes."""
+    values = _as_numpy(values).astype(np.int64).reshape(-1)
+    dtype = "u8" if values.size == 0 or values.max() < 256 else "u16"
+    return f"{dtype}:" + base64.b64encode(values.astype(np.uint8 if dtype == "u8" else "<u2").tobytes()).decode()
+
+
+def unpack_classes(text: str) -> np.ndarray:
+    """The class indices `pack_classes` packed, as int64."""
+    dtype, _, data = text.partition(":")
+    return np.frombuffer(base64.b64decode(data), dtype=np.uint8 if dtype == "u8" else "<u2").astype(np.int64)
 
 
 def class_metric_name(split: str, class_index) -> str:

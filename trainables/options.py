@@ -9,7 +9,8 @@ section of a study config (study/config.py). Whatever reads a setting reads its 
 - YAML and dicts: `from_dict` refuses unknown keys, naming the known ones, and builds sections;
 - command lines: `add_argument` turns an option into an argparse flag with its type, choices
   and help (bool options become --flag / --no-flag);
-- search spaces: the study checks a space's values with the same declarations.
+- search spaces: an option's `search` range is where a study tunes it (each method's own space
+  comes from its declarations), and the study checks a space's values with the same declarations.
 
 A new setting is one line: `steps: int = option(1000, "training steps", low=1)`.
 """
@@ -42,6 +43,14 @@ class Option:
     high_open: bool = False
     choices: tuple | None = None
     kind: type | None = None  # the type, where the default (None) does not say it
+    # Where a study searches this option (study/method_spaces.py turns it into a space): plain data
+    # as a study file writes a range, {"uniform": [lo, hi]}, {"loguniform": [lo, hi]} or
+    # {"choice": [...]}, with "complement": true to search 1 - value instead (a momentum near 1
+    # on a log scale). None: not searched.
+    search: dict | None = None
+    # The bool options of which at least one must be on for this option to matter (cai_beta needs
+    # cai or cadr); a search leaves it alone otherwise.
+    needs: tuple = ()
 
     def __post_init__(self):
         if self.kind is None:

@@ -41,7 +41,8 @@ def write_report(study_dir) -> Report:
 
 def _csv(report: Report) -> str:
     rows = report.rows()
-    columns = ["trial_id", "label", "method", *FLAGS, *report.param_columns, *METRIC_COLUMNS,
+    columns = ["trial_id", "label", "method", "stage", "group", "config", "seed", *FLAGS, *report.param_columns,
+               *METRIC_COLUMNS,
                "steps", "wall_time_s", "status", "error"]
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, lineterminator="\n")

@@ -1,14 +1,15 @@
-"""report.md: how the winner was chosen, the verdict against the baseline, the trials table and
-the over-seeds table."""
+"""report.md: how the winner was chosen, the verdict against the baseline, a compare study's
+comparison, the trials table and the over-seeds table."""
 
 import math
 from pathlib import Path
 
 from study.report.cells import cell, md_row, mean_std, percent, seconds
+from study.report.comparison import RESAMPLES
 from study.report.ranking import TAIL_CLASSES, GroupSummary, Report
 from study.report.trials import TrialRecord
 from study.tune_files import GENERIC_LABELS
-from trainables.metrics import MEASURES, metric_name
+from trainables.metrics import MEASURES, metric_name, on_split
 
 # What "beat the baseline" is judged on.
 COMPARED = (metric_name("test", "accuracy", "median_10"), metric_name("test", "gm", "median_10"))
@@ -141,6 +142,8 @@ def format_markdown(report: Report) -> str:
         lines += ["", f"**{sentence}**"]
     elif best and not report.is_baseline(best):
         lines += ["", f"No trial of the baseline ({report.baseline_name}) has results: nothing to compare with."]
+    if report.comparison is not None:
+        lines += ["", *format_comparison(report)]
     lines += ["", "## Trials", "", format_table(report)]
     if report.groups:
         lines += ["", "## Over seeds", "", format_groups(report), "",
@@ -161,6 +164,66 @@ def format_markdown(report: Report) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(name).stem}](plots/{name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def format_comparison(report: Report) -> list[str]:
+    """The "Comparison" section: the budget, each method defaults and tuned over the confirmation
+    seeds, the leader against each other method, how stable the selections are."""
+    comparison, config = report.comparison, report.study.get("config", {})
+    compare, leader = config.get("compare", {}), report.comparison.leader
+    seeds = ", ".join(map(str, comparison.seeds))
+    lines = ["## Comparison", "",
+             f"Every method had the same budget: {compare.get('trials_per_method')} stage-1 trials "
+             f"({config.get('search', {}).get('algorithm')}, its reference defaults first) of "
+             f"{config.get('train', {}).get('steps')} steps on the same split, scheduler "
+             f"{config.get('scheduler', {}).get('name')}; each selected on {comparison.metric}. Stage 2 ran each "
+             f"method's winner (tuned) and its reference defaults with the seeds {seeds}, the same for every "
+             "method. Test numbers: medians of the last 10 evaluations, mean ± std over the seeds [95% CI].", ""]
+    measures = [(metric_name("test", m, "median_10"), _short(metric_name("test", m, "median_10"))) for m in MEASURES]
+    header = ["method", "config", "tuned values", f"stage-1 best {_short(comparison.metric)}",
+              f"{_short(comparison.metric)} (mean)", *(short for _, short in measures), "selection stable"]
+    lines += [md_row(header), md_row(["---"] * len(header))]
+    for method in comparison.methods:
+        for kind in ("defaults", "tuned"):
+            intervals = method.intervals[kind]
+            tuned = kind == "tuned"
+            values = ", ".join(f"{k}={cell(v)}" for k, v in (method.winner.params.items() if method.winner else [])
+                               if k in report.swept) if tuned else "reference"
+            lines.append(md_row([method.label, kind, values,
+                                 percent(method.winner.value(comparison.metric)) if tuned and method.winner else "",
+                                 percent(intervals[comparison.metric].mean),
+                                 *(_interval(intervals[m]) for m, _ in measures),
+                                 _share(method.selection_stability) if tuned else ""]))
+    lines += ["", f"**Leader (best mean {comparison.metric} over the seeds, tuned): {leader.label}.**", ""]
+    if comparison.differences:
+        header = ["against", *(f"Δ {short}" for _, short in measures), "paired t-test p", "verdict"]
+        lines += [md_row(header), md_row(["---"] * len(header))]
+        test = on_split(comparison.metric, "test")
+        for other, differences in comparison.differences.items():
+            lines.append(md_row([comparison.by_name(other).label,
+                                 *(_interval(differences[m].interval, signed=True) for m, _ in measures),
+                                 cell(differences[test].p_value), comparison.sentence(other)]))
+        lines.append("")
+    if comparison.leader_stability is not None:
+        lines.append(f"Resampling the validation rows ({RESAMPLES} bootstrap resamples of the stored per-row "
+                     f"predictions), {leader.label} stays the leader in {_share(comparison.leader_stability)} of "
+                     "them; 'selection stable' is the share in which a method's stage-1 winner stays its best "
+                     "trial.")
+    return lines
+
+
+def _interval(interval, signed: bool = False) -> str:
+    if not interval.n:
+        return "–"
+    sign = "+" if signed else ""
+    text = f"{100 * interval.mean:{sign}.1f}"
+    if interval.n > 1:
+        text += f" ± {100 * interval.std:.1f} [{100 * interval.low:{sign}.1f}, {100 * interval.high:{sign}.1f}]"
+    return text
+
+
+def _share(value) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
 
 
 def _dataset(study: dict) -> str:

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from study.errors import StudyError
 from study.report.ranking import Report
 from study.storage import WRITE_AGAIN, write_bytes
+from trainables.metrics import metric_name
 
 
 def write_plots(report: Report) -> list[Path]:
@@ -26,11 +27,34 @@ def write_plots(report: Report) -> list[Path]:
     if figure is not None:
         written.append(_save(figure, plots / "per_class_accuracy.png"))
     written.append(_save(_history_figure(report), plots / "history.png"))
+    if report.comparison is not None:
+        written.append(_save(_comparison_figure(report), plots / "comparison_gm.png"))
     for name in report.swept:
         figure = _param_figure(report, name)
         if figure is not None:
             written.append(_save(figure, plots / f"param_{_file_safe(name)}.png"))
     return written
+
+
+def _comparison_figure(report: Report) -> Figure:
+    """Test GM (median of the last 10) per method, defaults and tuned side by side: the mean over
+    the confirmation seeds with its 95% confidence interval."""
+    comparison = report.comparison
+    gm = metric_name("test", "gm", "median_10")
+    figure = Figure(figsize=(max(5.0, 1.3 * len(comparison.methods) + 2), 4), layout="constrained")
+    axes = figure.subplots()
+    width = 0.38
+    for offset, kind in ((-width / 2, "defaults"), (width / 2, "tuned")):
+        intervals = [m.intervals[kind][gm] for m in comparison.methods]
+        means = [100 * i.mean if i.n else 0.0 for i in intervals]
+        errors = [[100 * (i.mean - i.low) if i.n > 1 else 0.0 for i in intervals],
+                  [100 * (i.high - i.mean) if i.n > 1 else 0.0 for i in intervals]]
+        axes.bar([k + offset for k in range(len(intervals))], means, width, yerr=errors, capsize=3, label=kind)
+    axes.set_xticks(range(len(comparison.methods)), [m.label for m in comparison.methods])
+    axes.set_ylabel("test GM, median of the last 10 (%)")
+    axes.set_title(f"Over seeds {', '.join(map(str, comparison.seeds))}: mean and 95% CI")
+    axes.legend()
+    return figure
 
 
 def _per_class_figure(report: Report) -> Figure | None:

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.errors import DataPrepError
-from study.config import StudyConfig
+from study.config import TAGS, StudyConfig
 from study.directory import read_study_json
 from study.errors import StudyError
 from study.report.cells import cell
+from study.report.comparison import Comparison, build_comparison
 from study.report.trials import FLAGS, STATUSES, TrialRecord, load_trials
+from study.tune_files import compare_experiments
 from trainables.errors import TrainConfigError
 from trainables.metrics import EVAL_SPLITS, MEASURES, WINDOWS, default_metric, metric_name, on_split, split_of
 
@@ -54,6 +56,7 @@ class Report:
     param_columns: list[str]
     groups: list[GroupSummary]  # best first; [] unless some configuration ran with several seeds
     baseline_name: str | None = "fixmatch"  # the study's `baseline`: a trial label, variant or group
+    comparison: Comparison | None = None  # a compare study's verdict (study/report/comparison.py)
 
     def is_baseline(self, trial: TrialRecord) -> bool:
         """The study's `baseline` names the trial's label, its group (variant or method), or the
@@ -124,7 +127,8 @@ class Report:
         """report.csv: one row per trial, best first, values exactly as reported."""
         rows = []
         for trial in self.trials:
-            row = {"trial_id": trial.trial_id, "label": trial.label, "method": trial.method, **trial.flags}
+            row = {"trial_id": trial.trial_id, "label": trial.label, "method": trial.method, "stage": trial.stage,
+                   "group": trial.group, "config": trial.config_tag, "seed": trial.seed, **trial.flags}
             row.update({name: trial.params.get(name) for name in self.param_columns})
             row.update({column: trial.value(key) for column, key in METRIC_COLUMNS.items()})
             row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status, error=trial.error)
@@ -145,7 +149,10 @@ def build_report(study_dir) -> Report:
     if not study_dir.is_dir():
         raise StudyError(f"study directory {study_dir} does not exist")
     study = read_study_json(study_dir)
-    trials = load_trials(study_dir)
+    experiments = compare_experiments(study.get("config", {}).get("compare", {}).get("methods") or [])
+    planned = study.get("config", {}).get("train", {}).get("steps")
+    trials = [trial for experiment in experiments for trial in load_trials(study_dir / experiment, planned)
+              if (study_dir / experiment).is_dir()] if experiments else load_trials(study_dir)
     if not trials:
         what = "has no trials yet" if study else "is not a study directory (no study.json and no trial directories)"
         raise StudyError(f"{study_dir} {what}")
@@ -157,9 +164,14 @@ def build_report(study_dir) -> Report:
         trial.resolve(config)
     ranked = sorted(trials, key=lambda t: _rank(t, metric, mode))
     baseline = config.baseline if config else study.get("config", {}).get("baseline", "fixmatch")
-    groups = _groups(ranked, metric, mode, _grid_parameters(study))
+    # A compare study is summarised over seeds by its own section (study/report/comparison.py).
+    groups = [] if experiments else _groups(ranked, metric, mode, _grid_parameters(study))
+    comparison = None
+    if experiments:
+        compare = study["config"]["compare"]
+        comparison = build_comparison(trials, compare["methods"], metric, mode, compare.get("confirm_seeds", []))
     return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, ranked,
-                  _param_columns(trials, study.get("swept", [])), groups, baseline)
+                  _param_columns(trials, study.get("swept", [])), groups, baseline, comparison)
 
 
 def _study_config(study: dict) -> StudyConfig | None:
@@ -180,7 +192,7 @@ def _rank(trial: TrialRecord, metric: str, mode: str) -> tuple:
 
 def _param_columns(trials: list[TrialRecord], swept) -> list[str]:
     """The swept params first (study.json order), then the other varying ones (seed, variant)."""
-    names = {name for t in trials for name in t.params} - set(FLAGS) - {"label", "method"}
+    names = {name for t in trials for name in t.params} - set(FLAGS) - {*TAGS, "method", "seed"}
     return [n for n in swept if n in names] + sorted(names - set(swept))
 
 

@@ -101,6 +101,25 @@ class TrialRecord:
         return self.label if self.label not in GENERIC_LABELS else self.method
 
     @property
+    def stage(self) -> str:
+        """A compare study's stage (search or confirm), else ""."""
+        return str(self.params.get("stage", ""))
+
+    @property
+    def config_tag(self) -> str:
+        """A compare study's configuration: defaults or tuned (stage 2); defaults or searched (stage 1)."""
+        if "config" in self.params:
+            return str(self.params["config"])
+        if self.stage == "search":
+            return "defaults" if self.label == "defaults" else "searched"
+        return ""
+
+    @property
+    def seed(self):
+        """The training seed: the trial's own, else the study's."""
+        return self.params.get("seed", self.train.seed if self.train is not None else None)
+
+    @property
     def class_accuracy(self) -> list[float]:
         """Last per-class test accuracies, class 0 first (NaN where a class was not reported)."""
         prefix = class_metric_name("test", "")
@@ -111,7 +130,7 @@ class TrialRecord:
         return [math.nan if v is None else v for v in values]
 
 
-def load_trials(study_dir) -> list[TrialRecord]:
+def load_trials(study_dir, planned_steps: int | None = None) -> list[TrialRecord]:
     """Every trial of a study directory, in the order Tune created them (by trial id).
 
     Statuses come from Tune's newest experiment_state-*.json; a trial it does not list yet is
@@ -124,7 +143,8 @@ def load_trials(study_dir) -> list[TrialRecord]:
     study_dir = Path(study_dir)
     states = state_trials_in(study_dir)
     by_dir = {state.get("relative_logdir"): state for state in states if state.get("relative_logdir")}
-    planned_steps = read_study_json(study_dir).get("config", {}).get("train", {}).get("steps")
+    if planned_steps is None:
+        planned_steps = read_study_json(study_dir).get("config", {}).get("train", {}).get("steps")
     trials, seen = [], set()
     ended = ended_records(study_dir)
     for path in sorted(p for p in _subdirs(study_dir) if (p / "params.json").is_file()):

@@ -28,7 +28,8 @@ from trainables.losses import Collective, LocalCollective
 from trainables.options import Option
 
 COMMON_OPTIONS = {
-    "wu": Option(1.0, "weight of the unlabeled loss: total = labeled + wu * unlabeled", low=0),
+    "wu": Option(1.0, "weight of the unlabeled loss: total = labeled + wu * unlabeled", low=0,
+                 search={"loguniform": [0.3, 3.0]}),
 }
 
 

@@ -28,11 +28,11 @@ class DebiasPL(Method):
     title = "DebiasPL"
     options = {
         "tau": Option(0.4, "debiasing strength: pseudo-labels from softmax(z_w - tau log qhat), strong logits "
-                      "z_s + tau log qhat (0: FixMatch)", low=0),
+                      "z_s + tau log qhat (0: FixMatch)", low=0, search={"uniform": [0.1, 1.0]}),
         "qhat_m": Option(0.999, "momentum of qhat, the moving average of the weak predictions", low=0, high=1,
-                         high_open=True),
+                         high_open=True, search={"loguniform": [0.001, 0.1], "complement": True}),
         "confidence": Option(0.95, "pseudo-label threshold on the debiased probabilities", low=0, high=1,
-                             low_open=True),
+                             low_open=True, search={"uniform": [0.7, 0.99]}),
     }
 
     def initial_state(self):

@@ -39,9 +39,11 @@ class FlexMatch(Method):
     title = "FlexMatch"
     options = {
         "confidence": Option(0.95, "pseudo-label threshold tau: class c needs max p >= tau * M(sigma_c), and a row "
-                             "enters the memory when max p >= tau", low=0, high=1, low_open=True),
+                             "enters the memory when max p >= tau", low=0, high=1, low_open=True,
+                             search={"uniform": [0.7, 0.99]}),
         "thresh_warmup": Option(True, "threshold warm-up: normalise the class counts by the largest count including "
-                                "the rows not yet selected (false: by the largest class count)"),
+                                "the rows not yet selected (false: by the largest class count)",
+                                search={"choice": [True, False]}),
     }
     needs_index = True
 

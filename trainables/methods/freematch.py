@@ -54,8 +54,9 @@ class FreeMatch(Method):
     title = "FreeMatch"
     options = {
         "ema_m": Option(0.999, "momentum m of the threshold tau, the class model p_model and the label histogram",
-                        low=0, high=1, high_open=True),
-        "ent_loss_ratio": Option(0.01, "weight of the self-adaptive fairness term L_f", low=0),
+                        low=0, high=1, high_open=True, search={"loguniform": [0.001, 0.1], "complement": True}),
+        "ent_loss_ratio": Option(0.01, "weight of the self-adaptive fairness term L_f", low=0,
+                                 search={"loguniform": [0.001, 0.1]}),
         "use_quantile": Option(False, "tau follows the batch's 0.8 quantile of the max probability, not its mean"),
         "clip_thresh": Option(False, "clip tau to [0, 0.95] after every update"),
     }

@@ -33,9 +33,11 @@ class SoftMatch(Method):
     title = "SoftMatch"
     options = {
         "ema_m": Option(0.999, "momentum m of the class distribution p_model and of the confidence's mean and "
-                        "variance", low=0, high=1, high_open=True),
+                        "variance", low=0, high=1, high_open=True,
+                        search={"loguniform": [0.001, 0.1], "complement": True}),
         "n_sigma": Option(2, "width of the truncated Gaussian in standard deviations: weight "
-                          "exp(-min(conf - mu, 0)^2 / (2 var / n_sigma^2))", low=0, low_open=True),
+                          "exp(-min(conf - mu, 0)^2 / (2 var / n_sigma^2))", low=0, low_open=True,
+                          search={"choice": [1, 2, 3]}),
     }
 
     def initial_state(self):
