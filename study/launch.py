@@ -21,7 +21,7 @@ import yaml
 from data_prep import DataPrepError
 from data_prep.cli import ArgumentParser
 from data_prep.parquet import default_data_root, verify_dataset
-from search_spaces import SPACES, SpaceError
+from search_spaces import SPACES, VARIANTS, SpaceError
 from search_spaces.spaces import describe
 from study.checks import checked
 from study.claim import DriverClaim
@@ -29,6 +29,7 @@ from study.config import StudyConfig, load, with_metric
 from study.console import print_plan
 from study.directory import locate
 from study.errors import StudyError
+from study.method_spaces import PREFIX, method_space
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.options import add_argument, flag
@@ -87,6 +88,10 @@ def main(argv=None):
     if args.list_spaces:
         for name in SPACES:
             print(describe(name))
+        for variant in VARIANTS:
+            print(f"{PREFIX}{variant}: the {variant} method's own space (from the methods registry)")
+            for param, dist in method_space(variant).items():
+                print(f"    {param:<14} {dist.describe()}")
         return 0
     try:
         return launch(args)

@@ -2,6 +2,7 @@
 grid, and the scheduler that stops the weak ones early, all on the study's one metric."""
 
 import os
+import pickle
 
 from ray.tune.search import Searcher
 
@@ -21,8 +22,10 @@ class NothingToSearch(Searcher):
         pass
 
     def save(self, checkpoint_path: str):
-        with open(checkpoint_path, "wb"):  # nothing to keep: the wrapper's own state is the search
-            pass
+        # Nothing to keep (the wrapper's own state is the search), but a file a resume can tell
+        # from one a failed storage left empty (study/tune_files.py, damaged_state).
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({}, f)
 
     def restore(self, checkpoint_path: str):
         pass

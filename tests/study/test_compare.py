@@ -1,0 +1,163 @@
+"""Compare studies: checks before Ray, the verdict's numbers, and a tiny one through both stages
+with the driver killed between them."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+from listening import listening, processes_with_env
+
+from study.launch import main
+from study.report.comparison import build_comparison
+from study.report.trials import TrialRecord
+from trainables.metrics import pack_classes
+
+TINY = {
+    "dataset": "digits",
+    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
+    "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2},
+    "compare": {"methods": ["fixmatch", "freematch"], "trials_per_method": 2, "confirm_seeds": [100, 101]},
+    "search": {"max_concurrent": 2},
+    "scheduler": {"name": "none"},
+}
+
+
+def _config(tmp_path, **sections) -> str:
+    raw = {**json.loads(json.dumps(TINY)), **sections}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"compare": {**TINY["compare"], "confirm_seeds": [0, 1]}},
+     "compare.confirm_seeds: 0 is the search's seed (train.seed); confirmation seeds must be fresh"),
+    ({"search": {"algorithm": "grid"}}, "a compare study searches each method with Optuna"),
+    ({"search": {"fixed_points": [{"label": "x", "confidence": 0.9}]}},
+     "a compare study runs each method's reference defaults first and the same budget for every method"),
+    ({"compare": {**TINY["compare"], "methods": ["fixmatch", "nomatch"]}}, "unknown method or variant 'nomatch'"),
+    ({"compare": {**TINY["compare"], "methods": ["cadr", "cadr"]}}, "compare.methods names a method twice"),
+    ({"space": {"ema_m": {"uniform": [0.9, 0.99]}}},
+     "compare.methods fixmatch: space parameter ema_m=0.9 would fail in training: ema_m: not an option of method "
+     "fixmatch"),
+])
+def test_a_compare_study_that_cannot_be_fair_fails_before_ray(tmp_path, capsys, sections, message):
+    assert main(["--config", _config(tmp_path, **sections), "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_the_plan_prints_the_same_budget_for_every_method(tmp_path, capsys):
+    from data_prep.convert import prepare
+
+    prepare("digits", tmp_path / "data")
+    assert main(["--config", _config(tmp_path), "--storage", str(tmp_path / "studies"), "--data-root",
+                 str(tmp_path / "data"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("compare 2 methods (fixmatch, freematch), each with the same budget: stage 1 2 trials (optuna, its "
+            "reference defaults first) of 20 steps, scheduler none, split digits_LT_10.1@20-100; stage 2 its winner "
+            "and its defaults with seeds 100, 101: 12 trials in all") in out
+    assert "  freematch searches: lr log-uniform [0.01, 0.1]; wu log-uniform [0.3, 3]; 1-ema_m log-uniform " in out
+
+
+# --- the verdict's numbers ------------------------------------------------------------------------
+
+METRIC = "valid_balanced_accuracy_median_10"
+LABELS = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+
+
+def _trial(trial_id, method, stage, valid, test_gm, *, config="", seed=0, predictions=None, label="search"):
+    params = {"variant": method, "stage": stage, "label": label, "seed": seed, **({"config": config} if config else {})}
+    result = {METRIC: valid, "test_gm_median_10": test_gm, "test_accuracy_median_10": test_gm,
+              "test_balanced_accuracy_median_10": test_gm}
+    if predictions is not None:
+        result |= {"valid_predictions": pack_classes(predictions), "valid_labels": pack_classes(LABELS)}
+    return TrialRecord(trial_id, params, "TERMINATED", [result])
+
+
+def test_the_leader_is_chosen_on_validation_and_paired_with_each_method_by_seed():
+    right, wrong = LABELS, np.zeros_like(LABELS)
+    trials = [
+        _trial("a1", "cadr", "search", 0.90, 0.5, predictions=right, label="defaults"),
+        _trial("a2", "cadr", "search", 0.40, 0.9, predictions=wrong),
+        _trial("b1", "flexmatch", "search", 0.70, 0.5, predictions=right, label="defaults"),
+        # On validation CADR leads; on test FlexMatch would: the test split never picks.
+        *[_trial(f"c{s}", "cadr", "confirm", v, g, config="tuned", seed=s, predictions=right)
+          for s, v, g in ((100, 0.9, 0.80), (101, 0.8, 0.84), (102, 0.85, 0.83))],
+        *[_trial(f"d{s}", "flexmatch", "confirm", v, g, config="tuned", seed=s, predictions=wrong)
+          for s, v, g in ((100, 0.6, 0.90), (101, 0.5, 0.86), (102, 0.55, 0.85))],
+        *[_trial(f"e{s}", "cadr", "confirm", 0.7, 0.7, config="defaults", seed=s) for s in (100, 101, 102)],
+    ]
+    comparison = build_comparison(trials, ["cadr", "flexmatch"], METRIC, "max", [100, 101, 102])
+    assert [m.name for m in comparison.methods] == ["cadr", "flexmatch"]
+    assert comparison.leader.winner.trial_id == "a1"
+    differences = [0.80 - 0.90, 0.84 - 0.86, 0.83 - 0.85]
+    paired = comparison.differences["flexmatch"]["test_gm_median_10"]
+    assert paired.interval.mean == pytest.approx(sum(differences) / 3, abs=1e-12)
+    assert comparison.leader.intervals["defaults"]["test_gm_median_10"].mean == pytest.approx(0.7)
+    # The stored predictions: CADR's winner is right on every row, its other trial on class 0's only.
+    assert comparison.leader.selection_stability == 1.0
+    assert comparison.leader_stability == 1.0
+    assert math.isclose(comparison.by_name("flexmatch").selection_stability, 1.0)
+
+
+# --- a tiny compare study, killed between its stages ------------------------------------------------
+
+
+def _launch(tmp_path, *extra, log=None, env=None):
+    argv = [sys.executable, "-m", "study.launch", "--config", _config(tmp_path), "--storage",
+            str(tmp_path / "studies"), "--name", "tiny", "--data-root", str(tmp_path / "data"), *extra]
+    return subprocess.Popen(argv, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+@pytest.mark.ray
+def test_a_compare_study_resumes_after_a_kill_between_its_stages_and_reports_the_verdict(tmp_path):
+    study = tmp_path / "studies" / "tiny"
+    marker = f"STUDY_TEST_DRIVER={uuid.uuid4().hex}"
+    with open(tmp_path / "first.log", "w") as log:
+        process = _launch(tmp_path, log=log, env=dict([marker.split("=")]))
+        deadline = time.time() + 600
+        try:  # stage 2 starts once every method's stage 1 has finished: its winners are written then
+            while time.time() < deadline and process.poll() is None and not (study / "compare.json").exists():
+                time.sleep(0.5)
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    assert (study / "compare.json").exists(), (tmp_path / "first.log").read_text()[-3000:]
+    winners = json.loads((study / "compare.json").read_text())["winners"]
+    searched = {p: p.joinpath("result.json").read_text() for p in study.glob("search-*/trial_*")}
+    assert len(searched) == 4
+    deadline = time.time() + 180  # the killed driver's Ray goes away by itself
+    while listening(processes_with_env(marker)) and time.time() < deadline:
+        time.sleep(2)
+
+    process = _launch(tmp_path, "--resume")
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out[-3000:]
+    assert json.loads((study / "compare.json").read_text())["winners"] == winners
+    assert {p: p.joinpath("result.json").read_text() for p in study.glob("search-*/trial_*")} == searched  # kept
+    with open(study / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12
+    for method in ("fixmatch", "freematch"):
+        mine = [r for r in rows if r["group"] == method]
+        assert sorted(r["config"] for r in mine if r["stage"] == "search") == ["defaults", "searched"]
+        confirm = [(r["config"], r["seed"]) for r in mine if r["stage"] == "confirm"]
+        assert sorted(confirm) == [("defaults", "100"), ("defaults", "101"), ("tuned", "100"), ("tuned", "101")]
+        tuned = next(r for r in mine if r["stage"] == "confirm" and r["config"] == "tuned")
+        for name, value in winners[method]["params"].items():
+            assert float(tuned[name]) == pytest.approx(value)
+    report = (study / "report.md").read_text()
+    assert "## Comparison" in report and "Every method had the same budget: 2 stage-1 trials" in report
+    assert (study / "plots" / "comparison_gm.png").stat().st_size > 0
+    assert "leader (best mean valid_balanced_accuracy_median_10 over the confirmation seeds, tuned): " in out
