@@ -82,24 +82,31 @@ class TrainConfig(Declared):
             values = {}
         if not isinstance(values, dict):
             raise TrainConfigError("a training config must be a mapping")
-        return cls().with_values(values)
+        fields_, options = cls._split(values)
+        return cls(method=MethodConfig(values.get("method", "fixmatch"), options), **fields_)
 
     def with_values(self, values: dict) -> "TrainConfig":
         """This config with some fields and method options (flat, as in `from_dict`) changed, all
         checked once. Another `method` starts from that method's defaults: only the options every
         method shares (wu) carry over, the others belong to this config's method."""
-        if "strong_augment" in values:
-            raise TrainConfigError("strong_augment was replaced by augment (L.W.S): strong_augment: randaugment is "
-                                   "augment: d.d.rac, ctaugment is augment: d.d.cta")
-        train_keys, method_keys = self.field_names(), option_names()
-        unknown = set(values) - train_keys - method_keys - {"method"}
-        if unknown:
-            raise TrainConfigError(f"unknown training option(s): {', '.join(sorted(map(str, unknown)))}")
+        fields_, options = self._split(values)
         name = values.get("method", self.method.name)
         kept = self.method.options if name == self.method.name else \
             {k: v for k, v in self.method.options.items() if k in COMMON_OPTIONS}
-        method = MethodConfig(name, {**kept, **{k: v for k, v in values.items() if k in method_keys}})
-        return self.replace(method=method, **{k: v for k, v in values.items() if k in train_keys})
+        return self.replace(method=MethodConfig(name, {**kept, **options}), **fields_)
+
+    @classmethod
+    def _split(cls, values: dict) -> tuple[dict, dict]:
+        """A flat mapping -> (training fields, method options); unknown keys refused."""
+        if "strong_augment" in values:
+            raise TrainConfigError("strong_augment was replaced by augment (L.W.S): strong_augment: randaugment is "
+                                   "augment: d.d.rac, ctaugment is augment: d.d.cta")
+        train_keys, method_keys = cls.field_names(), option_names()
+        unknown = set(values) - train_keys - method_keys - {"method"}
+        if unknown:
+            raise TrainConfigError(f"unknown training option(s): {', '.join(sorted(map(str, unknown)))}")
+        return ({k: v for k, v in values.items() if k in train_keys},
+                {k: v for k, v in values.items() if k in method_keys})
 
     @classmethod
     def field_names(cls) -> set[str]:

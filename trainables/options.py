@@ -179,8 +179,19 @@ class Declared:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> Declared:
-        """A copy with `changes`, checked like any new one."""
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`: the changed fields are checked (and the rules between fields);
+        the others were checked when this one was built."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(unknown)}")
+        declared = self.options()
+        changed = copy.copy(self)
+        for name, value in changes.items():
+            if name in declared:
+                value = declared[name].check(self.where + name, value, self.error)
+            object.__setattr__(changed, name, value)
+        changed.check()
+        return changed
 
 
 def add_argument(parser, flag: str, declaration: Option, *, dest: str | None = None, default=argparse.SUPPRESS,
