@@ -151,8 +151,9 @@ def build_report(study_dir) -> Report:
     study = read_study_json(study_dir)
     experiments = compare_experiments(study.get("config", {}).get("compare", {}).get("methods") or [])
     planned = study.get("config", {}).get("train", {}).get("steps")
-    trials = [trial for experiment in experiments for trial in load_trials(study_dir / experiment, planned)
-              if (study_dir / experiment).is_dir()] if experiments else load_trials(study_dir)
+    started = [study_dir / experiment for experiment in experiments if (study_dir / experiment).is_dir()]
+    trials = [trial for path in started for trial in load_trials(path, planned)] if experiments else \
+        load_trials(study_dir)
     if not trials:
         what = "has no trials yet" if study else "is not a study directory (no study.json and no trial directories)"
         raise StudyError(f"{study_dir} {what}")

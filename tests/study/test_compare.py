@@ -161,3 +161,14 @@ def test_a_compare_study_resumes_after_a_kill_between_its_stages_and_reports_the
     assert "## Comparison" in report and "Every method had the same budget: 2 stage-1 trials" in report
     assert (study / "plots" / "comparison_gm.png").stat().st_size > 0
     assert "leader (best mean valid_balanced_accuracy_median_10 over the confirmation seeds, tuned): " in out
+
+
+def test_the_report_of_a_compare_study_stopped_before_some_stage_started_lists_what_ran(tmp_path):
+    from study.errors import StudyError
+    from study.report import build_report
+
+    study = tmp_path / "stopped"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"name": "stopped", "config": {"compare": TINY["compare"]}}))
+    with pytest.raises(StudyError, match="has no trials yet"):  # not a failure to list search-freematch/
+        build_report(study)
