@@ -131,6 +131,24 @@ def test_an_optuna_storage_the_study_cannot_use_fails_before_ray(tmp_path, capsy
     _fails_before_ray(capsys, argv, message)
 
 
+PLAIN = "must be a plain name, one entry under its root (not empty, no '/' or '\\', not starting with '.'), got "
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--name", "../../elsewhere"], f"name {PLAIN}'../../elsewhere'"),
+    (["--name", "a/b"], f"name {PLAIN}'a/b'"),
+    (["--name", ".."], f"name {PLAIN}'..'"),
+    (["--name", ".hidden"], f"name {PLAIN}'.hidden'"),
+    (["--name", ""], f"name {PLAIN}''"),
+    (["--set", "dataset=../digits"], f"dataset {PLAIN}'../digits'"),
+])
+def test_a_name_that_would_leave_its_root_is_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    storage = tmp_path / "nest" / "studies"
+    _fails_before_ray(capsys, ["--config", _config(tmp_path), "--storage", str(storage), "--data-root",
+                               str(tmp_path / "nest" / "data"), *argv], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # no storage, data root or "elsewhere"
+
+
 def test_unwritable_storage_fails_before_ray(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

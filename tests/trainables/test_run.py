@@ -35,6 +35,15 @@ def test_cli_reports_a_split_of_another_dataset_as_one_error_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "..", ".hidden", ""])
+def test_a_run_name_that_would_leave_the_storage_is_one_error_line_before_anything_is_written(capsys, tmp_path,
+                                                                                              name):
+    code = main(["--name", name, "--storage", str(tmp_path / "runs")])
+    assert (code, capsys.readouterr().err) == (2, "error: name must be a plain name, one entry under its root (not "
+                                                  f"empty, no '/' or '\\', not starting with '.'), got {name!r}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_storage_under_a_file_is_one_error_line_before_ray_starts(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
