@@ -425,6 +425,26 @@ def test_a_combination_of_space_values_training_rejects_fails_before_ray(tmp_pat
                       "cadr=True requires cap=True")
 
 
+def test_a_parameter_of_every_variant_that_runs_is_accepted_whatever_the_base_method(tmp_path, capsys, digits_root):
+    # The base trains CADR (fixmatch), which has no ema_m; both variants that run have it.
+    space = {"variant": {"grid": ["freematch", "softmatch"]}, "ema_m": {"grid": [0.9, 0.99]}}
+    config = _config(tmp_path, space=space, search={"algorithm": "grid", "num_samples": 1, "max_concurrent": 1})
+    assert main(["--config", config, "--storage", str(tmp_path / "studies"), "--data-root", digits_root,
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 4 (0 fixed, the rest from grid)" in out and "search ema_m: each of {0.9, 0.99}" in out
+
+
+@pytest.mark.parametrize("variant", [{"choice": ["freematch", "cadr"]}, {"grid": ["freematch", "cadr"]}])
+def test_a_parameter_a_variant_that_runs_does_not_have_fails_before_ray_naming_the_variant(tmp_path, capsys,
+                                                                                           variant):
+    space = {"variant": variant, "ema_m": {"uniform": [0.9, 0.99]}}
+    config = _config(tmp_path, space=space, search={**TINY["search"], "points_to_evaluate": [], "fixed_points": []})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)],
+                      "space parameter ema_m=0.9 would fail in training with variant cadr: ema_m: not an option of "
+                      "method fixmatch")
+
+
 def test_a_parameter_no_training_option_or_method_has_fails_before_ray(tmp_path, capsys):
     _fails_before_ray(capsys, ["--config", _config(tmp_path, space={"colour": {"choice": ["red"]}}),
                                "--storage", str(tmp_path)], "unknown space parameter(s) colour (searchable: ")
