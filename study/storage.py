@@ -84,6 +84,16 @@ def make_dirs(location: str) -> None:
         raise StudyError(f"storage {location} is not writable ({exc}){FIX_STORAGE}") from None
 
 
+def read_bytes(location: str) -> bytes:
+    """A file's bytes (a path or a URI); StudyError if it cannot be read."""
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except ERRORS as exc:
+        raise StudyError(f"cannot read {location}: {exc}") from None
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Write a file whole: to a temporary name beside it, then moved into place."""
     if not is_uri(location):
