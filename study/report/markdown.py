@@ -75,7 +75,8 @@ def format_table(report: Report) -> str:
     lines = [md_row(header), md_row(["---"] * len(header))]
     for rank, trial in enumerate(report.trials, 1):
         cells = [rank, trial.trial_id, trial.label, trial.method, *(trial.params.get(n) for n in report.param_columns),
-                 *(percent(trial.value(m)) for m in metrics), trial.steps, seconds(trial.wall_time_s), trial.status]
+                 *(percent(trial.value(m)) for m in metrics), trial.steps, seconds(trial.wall_time_s),
+                 trial.status_text]
         lines.append(md_row(cells))
     return "\n".join(lines)
 
@@ -110,10 +111,7 @@ def selection_lines(report: Report) -> list[str]:
 
 def format_markdown(report: Report) -> str:
     study, config = report.study, report.study.get("config", {})
-    early = len(report.stopped_early())
-    counts = ", ".join(f"{n} {status}" + (f" ({early} of them stopped early, before the planned steps)"
-                                          if status == "TERMINATED" and early else "")
-                       for status, n in report.counts().items())
+    counts = ", ".join(f"{n} {status}" for status, n in report.counts().items())
     direction = "higher" if report.mode == "max" else "lower"
     lines = [f"# Study {report.name}", "", *selection_lines(report)]
     if study:

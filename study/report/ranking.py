@@ -112,14 +112,6 @@ class Report:
         order = list(STATUSES) + sorted(set(found) - set(STATUSES))
         return {status: found.count(status) for status in order if status in found}
 
-    def stopped_early(self) -> list[TrialRecord]:
-        """TERMINATED trials that stopped before the planned steps (pruned by the scheduler, or
-        stopped by a stopping rule)."""
-        planned = self.study.get("config", {}).get("train", {}).get("steps")
-        if planned is None:
-            return []
-        return [t for t in self.trials if t.status == "TERMINATED" and t.steps is not None and t.steps < planned]
-
     def rows(self) -> list[dict]:
         """report.csv: one row per trial, best first, values exactly as reported."""
         rows = []
@@ -127,7 +119,7 @@ class Report:
             row = {"trial_id": trial.trial_id, "label": trial.label, "method": trial.method, **trial.flags}
             row.update({name: trial.params.get(name) for name in self.param_columns})
             row.update({column: trial.value(key) for column, key in METRIC_COLUMNS.items()})
-            row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status, error=trial.error)
+            row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status_text, error=trial.error)
             rows.append(row)
         return rows
 
