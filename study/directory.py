@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from study.checks import planned_trials
 from study.config import StudyConfig, default_name, with_metric
 from study.errors import StudyError
 from study.storage import exists, is_uri, join, make_dirs, newest_study, read_bytes, write_bytes
@@ -74,11 +75,13 @@ def versions() -> dict:
     return found
 
 
-def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, splits: dict) -> None:
-    """study.json: the resolved config, the metric the study selects on, versions, dataset and
-    split checksums (written whole or not at all)."""
+def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, splits: dict,
+                     resume_command: str) -> None:
+    """study.json: the resolved config, the metric the study selects on, the trials it plans and
+    the command that resumes it, versions, dataset and split checksums (written whole or not at all)."""
     record = {
         "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "planned_trials": planned_trials(config, space), "resume_command": resume_command,
         "metric": config.metric, "mode": config.mode, "selected_on": split_of(config.metric),
         "config": config.to_dict(), "swept": list(space),
         "space": {name: dist.describe() for name, dist in space.items()},

@@ -109,11 +109,22 @@ def selection_lines(report: Report) -> list[str]:
             "never used to choose.", ""]
 
 
+def unfinished_lines(report: Report) -> list[str]:
+    """Above everything else, when the study has trials still to run: that it is unfinished, and how to go on."""
+    why = report.unfinished()
+    if why is None:
+        return []
+    command = report.study.get("resume_command")  # study.json records it (study/directory.py)
+    how = f"`{command}`" if command else "the command that started it, and --resume"
+    return [f"**Unfinished**: {why}; the study was interrupted (or is still running). Continue it with {how}; the "
+            "numbers below are those of the trials so far.", ""]
+
+
 def format_markdown(report: Report) -> str:
     study, config = report.study, report.study.get("config", {})
     counts = ", ".join(f"{n} {status}" for status, n in report.counts().items())
     direction = "higher" if report.mode == "max" else "lower"
-    lines = [f"# Study {report.name}", "", *selection_lines(report)]
+    lines = [f"# Study {report.name}", "", *unfinished_lines(report), *selection_lines(report)]
     if study:
         lines.append(f"- Dataset: {_dataset(study)}")
         swept = f" (swept: {', '.join(report.swept)})" if report.swept else ""

@@ -11,7 +11,7 @@ from study.config import StudyConfig
 from study.directory import read_study_json
 from study.errors import StudyError
 from study.report.cells import cell
-from study.report.trials import FLAGS, STATUSES, TrialRecord, load_trials
+from study.report.trials import FLAGS, STATUSES, UNFINISHED, TrialRecord, load_trials
 from trainables.errors import TrainConfigError
 from trainables.metrics import EVAL_SPLITS, MEASURES, WINDOWS, default_metric, metric_name, on_split, split_of
 
@@ -111,6 +111,18 @@ class Report:
         found = [t.status for t in self.trials]
         order = list(STATUSES) + sorted(set(found) - set(STATUSES))
         return {status: found.count(status) for status in order if status in found}
+
+    def unfinished(self) -> str | None:
+        """Why the study is not finished, in words (trials still to run, or to run on), or None
+        when every trial it planned has ended."""
+        waiting = [t for t in self.trials if t.status in UNFINISHED]
+        planned = self.study.get("planned_trials")
+        ended = len(self.trials) - len(waiting)
+        if not waiting and (planned is None or ended >= planned):
+            return None
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts().items() if status in UNFINISHED)
+        return (f"{ended} of {planned if planned is not None else len(self.trials)} planned trials ended"
+                + (f" ({counts})" if counts else ""))
 
     def rows(self) -> list[dict]:
         """report.csv: one row per trial, best first, values exactly as reported."""

@@ -31,6 +31,7 @@ from trainables.metrics import class_metric_name
 FLAGS = ("cap", "cai", "cadr")  # FixMatch's corrections, a column each in report.csv
 STOPPED_EARLY = "STOPPED_EARLY"  # ended by the scheduler (ASHA, median stopping) before its planned steps
 STATUSES = ("TERMINATED", STOPPED_EARLY, "RUNNING", "PENDING", "PAUSED", "ERROR", "LOST")
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # a trial a --resume runs (on)
 
 @dataclass
 class TrialRecord:

@@ -232,6 +232,9 @@ def test_trials_tune_has_queued_but_not_started_are_listed_as_pending(study_copy
     assert pending.params["seed"] == 7
     text = report_module.format_markdown(report)
     assert "- Trials: 7: 4 TERMINATED, 1 STOPPED_EARLY, 1 PENDING, 1 ERROR\n" in text
+    assert text.splitlines()[2] == ("**Unfinished**: 6 of 7 planned trials ended (1 PENDING); the study was "
+                                    "interrupted (or is still running). Continue it with the command that started "
+                                    "it, and --resume; the numbers below are those of the trials so far.")
 
 
 # --- report.md ------------------------------------------------------------------------------
