@@ -1,6 +1,7 @@
 """Specification of how the searcher hears how trials ended (study/searcher.py): a trial ASHA stopped
 before its planned steps is STOPPED_EARLY in the report and PRUNED in the Optuna study kept in a
-database, with the value it was stopped at; a finished one is TERMINATED and COMPLETE."""
+database, with the value it was stopped at; a finished one is TERMINATED and COMPLETE; one that
+diverged is ERROR and FAIL."""
 
 import csv
 import subprocess
@@ -17,10 +18,11 @@ STUDY = {
     "train": {"model": "cnn_small", "steps": 40, "eval_every": 20, "batch_size": 8, "mu": 2,
               "cap": True, "cai": True, "cadr": True},
     # One trial learns; the next barely moves from its initial weights (the same seed), so at ASHA's
-    # one rung (the first evaluation) it is behind the first and stopped there.
-    "space": {"lr": {"choice": [0.03, 1.0e-9]}},
-    "search": {"algorithm": "optuna", "num_samples": 2, "max_concurrent": 1, "seed": 0,
-               "points_to_evaluate": [{"label": "learns", "lr": 0.03}, {"label": "stands still", "lr": 1.0e-9}],
+    # one rung (the first evaluation) it is behind the first and stopped there; the last diverges.
+    "space": {"lr": {"choice": [0.03, 1.0e-9, 1.0e6]}},
+    "search": {"algorithm": "optuna", "num_samples": 3, "max_concurrent": 1, "seed": 0,
+               "points_to_evaluate": [{"label": "learns", "lr": 0.03}, {"label": "stands still", "lr": 1.0e-9},
+                                      {"label": "diverges", "lr": 1.0e6}],
                "storage": "sqlite:///{study}/optuna.db"},
     "scheduler": {"name": "asha", "grace_period": 1},
 }
@@ -40,10 +42,12 @@ def test_a_trial_asha_stopped_early_is_stopped_early_in_the_report_and_pruned_in
     learns, still = rows["learns"], rows["stands still"]
     assert (learns["status"], learns["steps"]) == ("TERMINATED", "40")
     assert (still["status"], still["steps"]) == ("STOPPED_EARLY at step 20 of 40", "20")
+    assert rows["diverges"]["status"] == "ERROR" and rows["diverges"]["error"].startswith("training diverged")
     text = (study / "report.md").read_text()
-    assert "- Trials: 2: 1 TERMINATED, 1 STOPPED_EARLY\n" in text
+    assert "- Trials: 3: 1 TERMINATED, 1 STOPPED_EARLY, 1 ERROR\n" in text
     assert "| STOPPED_EARLY at step 20 of 40 |" in text
     trials = optuna.load_study(study_name="asha", storage=f"sqlite:///{study}/optuna.db").trials
     states = {trial.params["lr"]: (trial.state, trial.value) for trial in trials}
     assert states == {0.03: (optuna.trial.TrialState.COMPLETE, pytest.approx(float(learns[METRIC]))),
-                      1.0e-9: (optuna.trial.TrialState.PRUNED, pytest.approx(float(still[METRIC])))}
+                      1.0e-9: (optuna.trial.TrialState.PRUNED, pytest.approx(float(still[METRIC]))),
+                      1.0e6: (optuna.trial.TrialState.FAIL, None)}
