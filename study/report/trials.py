@@ -126,12 +126,12 @@ def load_trials(study_dir) -> list[TrialRecord]:
 
     Statuses come from Tune's newest experiment_state-*.json; a trial it does not list yet is
     ERROR if it left an error file, TERMINATED if its last result is final, RUNNING if it has
-    results and PENDING if not. A TERMINATED trial whose last step is short of the steps it planned
-    was stopped by the scheduler: STOPPED_EARLY. Trials Tune lists but has not started have no directory. A trial
-    that ran (it has checkpoints) but whose result or parameter file is empty or unreadable, as a
-    failed storage leaves them, is listed as LOST: never dropped silently. A trial that ended has
-    the launcher's own record too (<study>/finished/): its parameters and last result stand in for
-    Tune's files when those were cut short."""
+    results and PENDING if not. A TERMINATED trial whose last step is short of the steps it
+    planned was stopped by the scheduler: STOPPED_EARLY. Trials Tune lists but has not started
+    have no directory. A trial that ran (it has checkpoints) but whose result or parameter file
+    is empty or unreadable, as a failed storage leaves them, is listed as LOST: never dropped
+    silently. A trial that ended has the launcher's own record too (<study>/finished/): its
+    parameters and last result stand in for Tune's files when those were cut short."""
     study_dir = Path(study_dir)
     states = state_trials_in(study_dir)
     by_dir = {state.get("relative_logdir"): state for state in states if state.get("relative_logdir")}
