@@ -1,6 +1,6 @@
 """Fault suite: provoke each failure the README's "Reliability" section promises to handle, for real.
 
-    python bench/faults.py                        # every scenario (about 15 minutes on 2 CPU cores)
+    python bench/faults.py                        # every scenario (about 20 minutes on 2 CPU cores)
     python bench/faults.py --only divergence killed_worker
     python bench/faults.py --keep                 # keep the temporary directory for a look
 
@@ -14,7 +14,8 @@ checkpoint; nothing finished is lost.
 
 Processes are only ever killed by PID, and only those this suite started or their descendants
 (found through /proc), or those of a cluster it started itself with `ray start` (their command
-lines hold its temp dir), so other Ray instances on the machine are never touched. The storage-full
+lines hold its temp dir), so other Ray instances on the machine are never touched. A Ctrl+C goes
+to the process group of a launcher the suite started in a session of its own. The storage-full
 scenario mounts a small tmpfs, which needs root; without it that row reads "not run".
 
 Output: a Markdown table (scenario, expected, observed, result), then one JSON line. The exit code
@@ -28,6 +29,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -94,11 +96,12 @@ class Work:
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # always a local Ray
         return {**env, "PYTHONUNBUFFERED": "1"}
 
-    def start(self, *argv, log: Path) -> subprocess.Popen:
-        """`python -m ...` in the background, its output to `log`."""
+    def start(self, *argv, log: Path, session=False) -> subprocess.Popen:
+        """`python -m ...` in the background, its output to `log`; with `session`, in a session of
+        its own (its process group is what a terminal's Ctrl+C reaches)."""
         with open(log, "w") as out:
             process = subprocess.Popen([sys.executable, "-m", *map(str, argv)], cwd=REPO, env=self.env(),
-                                       stdout=out, stderr=subprocess.STDOUT, text=True)
+                                       stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=session)
         self.started.append(process)
         return process
 
@@ -305,9 +308,10 @@ def finished_run(work: Work, storage: Path) -> list[Path]:
     return sorted(storage.glob("base/checkpoint_*/state.pt"))
 
 
-def resume(work: Work, storage: Path) -> Outcome:
-    return work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", "40", "--eval-every", "10",
-                    "--storage", storage, "--name", "base")
+def resume(work: Work, storage: Path, *changed) -> Outcome:
+    """The finished run again under its name: with its own options it loads its checkpoint."""
+    return work.run("trainables.run", *TRAIN, "--data-root", work.data(), "--steps", "20", "--eval-every", "10",
+                    *changed, "--storage", storage, "--name", "base")
 
 
 def names_a_file(row: Row, outcome: Outcome, files: list[Path]) -> Row:
@@ -485,6 +489,103 @@ def killed_driver(work: Work) -> Row:
                 f"trials in report.csv")
     passed = done.code == 0 and unchanged and complete and len(trials) == 2 and len(rows) == len(trials)
     return Row(passed, observed + ("" if done.code == 0 else f" ({last_lines(done.output)})"))
+
+
+def names_inside_roots(work: Work) -> Row:
+    """Names that would leave their root, given to each command that makes a path of one."""
+    under = work.root / "names"  # every storage and data root of this scenario: nothing may appear
+    outcomes = {
+        "study.launch --name ../../elsewhere": work.run(
+            "study.launch", "--config", work.study_config("names"), "--storage", under / "studies", "--name",
+            "../../elsewhere", "--data-root", work.data()),
+        "trainables.run --name ../elsewhere": work.run(
+            "trainables.run", *TRAIN, "--data-root", work.data(), "--storage", under / "runs", "--name",
+            "../elsewhere"),
+        "data_prep convert imagefolder --name ../elsewhere": work.run(
+            "data_prep", "convert", "imagefolder", "--source", work.data(), "--name", "../elsewhere", "--data-root",
+            under / "data"),
+    }
+    rows = {what: one_line_failure(outcome, "must be a plain name", before_ray=True)
+            for what, outcome in outcomes.items()}
+    written = [str(path) for path in (under, work.root / "elsewhere") if path.exists()]
+    observed = "; ".join(f"{what}: {row.observed}" for what, row in rows.items())
+    return Row(all(row.passed for row in rows.values()) and not written,
+               observed + (f" [written: {', '.join(written)}]" if written else "; nothing written"))
+
+
+def changed_config_resume(work: Work) -> Row:
+    """A finished study resumed with another train.steps, and a finished run rerun under its name
+    with another --lr: both refused before Ray starts, naming the changed key; nothing runs."""
+    storage = work.root / "studies"
+    config = work.study_config("changed")
+    first = work.launch("changed", storage, config=config)
+    if first.code != 0:
+        return Row(False, f"the study to resume did not finish: exit {first.code} ({last_lines(first.output)})")
+    trials = sorted((storage / "changed").glob("trial_*/result.json"))
+    before = [path.read_text() for path in trials]
+    study = one_line_failure(work.launch("changed", storage, "--resume", "--set", "train.steps=30", config=config),
+                             "train.steps: 20 there, 30 now", before_ray=True)
+    runs = work.root / "runs-changed"
+    finished_run(work, runs)
+    run = one_line_failure(resume(work, runs, "--lr", "0.1"), "lr: 0.03 there, 0.1 now", before_ray=True)
+    unchanged = [path.read_text() for path in trials] == before
+    return Row(study.passed and run.passed and unchanged,
+               f"--resume --set train.steps=30: {study.observed}; trainables.run --name base --lr 0.1: "
+               f"{run.observed}; {'the finished trials unchanged' if unchanged else 'the finished trials CHANGED'}")
+
+
+def interrupted(outcome: Outcome, code: int, signame: str) -> Row:
+    """Exit 128 + the signal, one `error:` line naming it and the --resume command, no traceback."""
+    problems = [f"exit {outcome.code}"] if outcome.code != code else []
+    line = outcome.errors[0] if len(outcome.errors) == 1 else ""
+    if f"was interrupted ({signame})" not in line or "continue it with: python -m study.launch " not in line:
+        problems.append(f"{len(outcome.errors)} error lines, none saying interrupted ({signame}) and the command")
+    own_traceback, ray_tracebacks = outcome.tracebacks()
+    if own_traceback:
+        problems.append("a traceback")
+    observed = f"exit {outcome.code}; " + (line or last_lines(outcome.output))
+    return Row(not problems, observed + (f" [{', '.join(problems)}]" if problems else "") + ray_note(ray_tracebacks))
+
+
+def interrupted_study(work: Work) -> Row:
+    """Ctrl+C (SIGINT to the launcher's process group) mid-study, then SIGTERM (as `kill` or `ray job
+    stop` sends it) of the study resumed with the printed command, then that command to the end."""
+    storage, name, steps = work.root / "studies", "sweep", 200
+    study = storage / name
+    argv = ["study.launch", "--config", work.study_config(name, steps=steps), "--storage", storage, "--name", name,
+            "--data-root", work.data()]
+    progress = re.compile(rf"\] step (\d+)/{steps} ")
+
+    def stopped(argv, log: Path, signum: int, group: bool) -> Outcome:
+        launcher = work.start(*argv, log=log, session=True)
+        if not wait_for(lambda: progress.search(log.read_text()), launcher, timeout=300, interval=0.2):
+            return Outcome(wait(launcher, 60), log.read_text())
+        if group:  # the launcher's own session: what a terminal's Ctrl+C reaches
+            os.killpg(launcher.pid, signum)
+        else:
+            os.kill(launcher.pid, signum)
+        return Outcome(wait(launcher, 300), log.read_text())
+
+    first = stopped(argv, work.root / "interrupted.log", signal.SIGINT, group=True)
+    sigint = interrupted(first, 130, "SIGINT")
+    report = (study / "report.md").read_text().splitlines() if (study / "report.md").exists() else []
+    marked = len(report) > 2 and report[2].startswith("**Unfinished**: ")
+    command = first.errors[0].split("continue it with: ", 1)[-1] if first.errors else ""
+    again = shlex.split(command)[2:] if command.startswith("python -m study.launch ") else argv
+    second = stopped(again, work.root / "interrupted-again.log", signal.SIGTERM, group=False)
+    sigterm = interrupted(second, 143, "SIGTERM")
+    resumed_at = [int(step) for step in progress.findall(second.output)][:1]
+    done = work.run(*again)
+    rows = report_rows(study)
+    finished = (done.code == 0 and len(rows) == 2 and all(row["status"] == "TERMINATED" and row["steps"] == str(steps)
+                                                         for row in rows)
+                and "Unfinished" not in (study / "report.md").read_text())
+    observed = (f"Ctrl+C: {sigint.observed}; report.md {'marked' if marked else 'NOT marked'} unfinished at the top; "
+                f"the printed command, resumed at step {resumed_at[0] if resumed_at else '?'}, then SIGTERM: "
+                f"{sigterm.observed}; the printed command again: exit {done.code}, {len(rows)} trials "
+                + (f"TERMINATED at step {steps}" if finished else f"({last_lines(done.output)})"))
+    return Row(sigint.passed and marked and sigterm.passed and bool(resumed_at) and resumed_at[0] > 10 and finished,
+               observed)
 
 
 def infinite_option(work: Work) -> Row:
@@ -780,6 +881,14 @@ SCENARIOS = [  # name, what the README promises, the function that provokes it
      killed_driver),
     ("storage_full", "study.launch: exit 2, one line; study.report still lists every trial, the finished ones "
      "kept; with space again, --resume finishes the study or refuses in one line", storage_full),
+    ("names_inside_roots", "a study, run or dataset name with `..` or a separator: exit 2, one line each, before "
+     "Ray starts; nothing written", names_inside_roots),
+    ("changed_config_resume", "`--resume` of a finished study with another train.steps, and a rerun of a finished "
+     "run with another --lr: exit 2, one line naming the changed key, before Ray starts; nothing runs",
+     changed_config_resume),
+    ("interrupted_study", "Ctrl+C mid-study: exit 130, one line with the exact --resume command, report marked "
+     "unfinished; SIGTERM of the resumed study: exit 143, the same line; that command then finishes the study "
+     "(exit 0)", interrupted_study),
 ]
 
 

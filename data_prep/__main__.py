@@ -5,7 +5,7 @@ import sys
 from data_prep.cli import ArgumentParser
 from data_prep.convert import convert
 from data_prep.errors import DataPrepError
-from data_prep.parquet import default_data_root, open_dataset
+from data_prep.parquet import converted_datasets, default_data_root, open_dataset
 from data_prep.readers import DATASETS
 from data_prep.splits import (
     KINDS,
@@ -22,7 +22,8 @@ from data_prep.splits import (
 def _cmd_convert(args):
     options = {k: v for k, v in (("image_size", args.image_size), ("seed", args.seed),
                                  ("test_fraction", args.test_fraction)) if v is not None}
-    info, rate = convert(args.dataset, args.source, args.data_root, overwrite=args.overwrite, **options)
+    info, rate = convert(args.dataset, args.source, args.data_root, name=args.name, overwrite=args.overwrite,
+                         **options)
     counts = ", ".join(f"{p}: {v['count']}" for p, v in info.partitions.items())
     print(f"wrote {info.path} ({counts}; {rate:.0f} images/s)")
 
@@ -73,6 +74,10 @@ def _cmd_list(args):
         except DataPrepError:
             state = "not converted"
         print(f"{name:<13} {state:<40} source: {reader.source_hint}")
+    for info in converted_datasets(root):
+        if info.path.name not in DATASETS:  # named by the user (convert READER --name NAME)
+            print(f"{info.path.name:<13} {'converted at ' + str(info.path):<40} from the {info.meta.get('reader')} "
+                  "reader")
 
 
 def build_parser():
@@ -86,8 +91,10 @@ def build_parser():
         return p
 
     p = command("convert", _cmd_convert, "convert a raw dataset to Parquet")
-    p.add_argument("dataset", help=f"one of: {', '.join(sorted(DATASETS))}")
+    p.add_argument("dataset", help=f"the reader, one of: {', '.join(sorted(DATASETS))}")
     p.add_argument("--source", help="the raw file or folder (not needed for digits, mnist5k)")
+    p.add_argument("--name", help="the converted dataset's name (default: the reader's), a folder in the data root: "
+                   "two image folders can live side by side as two names")
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
     p.add_argument("--image-size", type=int, help="side to resize to (imagefolder, miniimagenet trees)")
     p.add_argument("--seed", type=int, help="seed of the train/test split where the source has none")
@@ -113,7 +120,8 @@ def build_parser():
                         "proportions (default: balanced)")
     p.add_argument("--name", help="split name (default: original-style name, e.g. cifar10_LT_50.1@50)")
 
-    command("list", _cmd_list, "known datasets and whether they are converted")
+    command("list", _cmd_list, "the readers and whether their datasets are converted, then the datasets converted "
+            "under names of their own")
     return parser
 
 

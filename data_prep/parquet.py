@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 
 from data_prep.errors import DataPrepError
 from data_prep.files import current_umask
+from data_prep.names import entry, is_plain_name
+from data_prep.readers import DATASETS
 
 FORMAT_VERSION = 2  # 2 calls the train/test/unlabeled files "partitions"; version 1 files still open
 ROWS_PER_FILE = 10_000
@@ -125,12 +127,13 @@ class DatasetInfo:
 
 def open_dataset(name, data_root=None) -> DatasetInfo:
     root = Path(data_root) if data_root is not None else default_data_root()
-    path = root / name
+    path = entry(root, name, "dataset name")
     meta_path = path / "dataset.json"
     if not meta_path.is_file():
-        raise DataPrepError(
-            f"dataset '{name}' not found under {root} (convert it first: python -m data_prep convert {name})"
-        )
+        # A name of the user's own: any reader can write it (data_prep convert READER --name NAME).
+        how = name if name in DATASETS else f"READER --source ... --name {name}; python -m data_prep list names them"
+        raise DataPrepError(f"dataset '{name}' not found under {root} (convert it first: python -m data_prep convert "
+                            f"{how})")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -140,6 +143,19 @@ def open_dataset(name, data_root=None) -> DatasetInfo:
     if meta["format_version"] == 1:  # the same layout, its partitions under their old key
         meta = {**meta, "format_version": FORMAT_VERSION, "partitions": meta.pop("splits")}
     return DatasetInfo(path, meta)
+
+
+def converted_datasets(data_root) -> list[DatasetInfo]:
+    """Every dataset converted under `data_root` (a folder holding a readable dataset.json), by name."""
+    root = Path(data_root)
+    found = []
+    for path in sorted(root.iterdir() if root.is_dir() else []):
+        if (path / "dataset.json").is_file() and is_plain_name(path.name):
+            try:
+                found.append(open_dataset(path.name, root))
+            except DataPrepError:
+                continue  # unreadable: `data_prep info NAME` says why
+    return found
 
 
 def parquet_checksum(path: Path, files: list[str]) -> str:
@@ -243,7 +259,7 @@ def write_dataset(raw, data_root=None, *, overwrite=False) -> DatasetInfo:
     from tqdm import tqdm
 
     root = _writable_root(Path(data_root) if data_root is not None else default_data_root())
-    final = root / raw.name
+    final = entry(root, raw.name, "dataset name")
     if final.exists() and not overwrite:
         raise DataPrepError(f"{final} already exists (pass --overwrite to replace it)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{raw.name}.partial-", dir=root))
@@ -264,6 +280,7 @@ def write_dataset(raw, data_root=None, *, overwrite=False) -> DatasetInfo:
         meta = {
             "format_version": FORMAT_VERSION,
             "name": raw.name,
+            "reader": raw.reader or raw.name,
             "classes": list(raw.classes),
             "num_classes": len(raw.classes),
             "image_shape": list(raw.image_shape),

@@ -36,11 +36,12 @@ class PartitionSource:
 
 @dataclass
 class RawDataset:
-    name: str
+    name: str  # the reader's own name, unless the user chose one (data_prep convert --name)
     classes: list[str]
     image_shape: tuple[int, int, int]  # (H, W, C)
     partitions: dict[str, PartitionSource]  # "train", "test" and, for STL-10, "unlabeled"
     source_sha256: str
+    reader: str | None = None  # the reader that made it (None: the one called `name`)
 
 
 @dataclass(frozen=True)
@@ -336,11 +337,11 @@ def _read_tree(root: Path, *, dataset, size, channels, test_fraction, seed):
 
 
 @register("imagefolder", needs_source=True, source_hint="a folder root/<class>/<image> (or root/train, root/test)")
-def read_imagefolder(source=None, image_size=32, channels=3, test_fraction=0.2, seed=0, name="imagefolder", **_):
+def read_imagefolder(source=None, image_size=32, channels=3, test_fraction=0.2, seed=0, **_):
     root = _require_file(source, "imagefolder")
     if not root.is_dir():
         raise DataPrepError(f"imagefolder source must be a folder, got file {root}")
-    return _read_tree(root, dataset=name, size=image_size, channels=channels,
+    return _read_tree(root, dataset="imagefolder", size=image_size, channels=channels,
                       test_fraction=test_fraction, seed=seed)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from data_prep.errors import DataPrepError
 from data_prep.files import write_atomic
+from data_prep.names import plain_name
 from data_prep.parquet import DatasetInfo, read_partition
 
 SPLIT_FORMAT_VERSION = 2  # 2 added the validation set; version 1 files load as splits without one
@@ -90,7 +91,7 @@ class SplitSpec:
 
 
 _ALIAS = re.compile(
-    r"^(?P<dataset>[A-Za-z0-9]+?)"
+    r"^(?P<dataset>[A-Za-z0-9_-]+?)"  # a reader's name, or one a user chose (e.g. my_cats)
     r"(?:_(?P<rand>rand)|_LT_(?P<gamma_l>\d+(?:\.\d+)?)(?:_u(?P<gamma_u>\d+(?:\.\d+)?))?)?"
     r"\.(?P<seed>\d+)@(?P<size>\d+)(?:-(?P<valid_size>\d+)(?P<valid_labeled>labeled)?)?$"
 )
@@ -326,9 +327,7 @@ def _long_tail_pool(indices, labels, labeled, spec, rng, num_classes, info) -> n
 
 
 def split_path(info: DatasetInfo, name) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise DataPrepError(f"invalid split name '{name}'")
-    return info.path / "splits" / f"{name}.json"
+    return info.path / "splits" / f"{plain_name(name, 'split name')}.json"
 
 
 def save_split(info: DatasetInfo, split: Split) -> Path:
@@ -350,7 +349,7 @@ def load_split(info: DatasetInfo, name, *, create=True) -> Split:
             known = sorted(p.stem for p in (info.path / "splits").glob("*.json"))
             raise DataPrepError(f"split '{name}' not found for {info.name} (known: {', '.join(known) or 'none'})")
         dataset, spec = parsed
-        if dataset != info.name:
+        if dataset != info.name.lower():
             raise DataPrepError(f"split '{name}' is for dataset '{dataset}', not '{info.name}'")
         split = make_split(info, spec, name=name)
         save_split(info, split)

@@ -71,13 +71,23 @@ def searchable() -> set[str]:
     return options | {COMPLEMENT + name for name in options} | {"variant", *SPLIT_PARAMETERS}
 
 
+def methods_that_run(space: dict) -> list[dict]:
+    """The methods the study's trials train, as trial params: each variant the space sweeps (a
+    variant sets its method), else each method it sweeps, else the base ({}: the train section's)."""
+    for name in ("variant", "method"):
+        if name in space:
+            return [{name: value} for value in space[name].values]
+    return [{}]
+
+
 def check_space_values(config: StudyConfig, space: dict, base: dict | None = None) -> None:
     """Every value the space can produce goes through the checks training (or the split) applies,
-    so a value a trial would reject fails here, naming the parameter. Then every combination of
-    the categorical values (choices and grids: methods, variants, flags) is checked together, so
-    e.g. cadr on with cap off fails here too. `base`: params every trial has (a compare stage's
-    variant)."""
-    base = base or {}
+    with each method that will run (a parameter belongs to the methods that use it), so a value a
+    trial would reject fails here, naming the parameter. Then every combination of the categorical
+    values (choices and grids: methods, variants, flags) is checked together, so e.g. cadr on with
+    cap off fails here too. `base`: params every trial has (a compare stage's variant: the one
+    method that runs)."""
+    runs = [base] if base else methods_that_run(space)
     unknown = sorted(set(space) - searchable())
     if unknown:
         raise StudyError(f"unknown space parameter(s) {', '.join(unknown)} (searchable: "
@@ -86,21 +96,24 @@ def check_space_values(config: StudyConfig, space: dict, base: dict | None = Non
         if name in SPLIT_PARAMETERS and isinstance(dist, Uniform):
             raise StudyError(f"space parameter {name}: use choice or grid values (each value gets its own split, "
                              "cut before the study starts)")
-        for value in space_values(dist):
+        methods = [{}] if name in (*SPLIT_PARAMETERS, "variant", "method") else runs
+        for value, method in itertools.product(space_values(dist), methods):
             try:
                 if name in SPLIT_PARAMETERS:
                     config.split_spec({name: value})
                 else:
-                    config.train_config({**base, name: value})
+                    config.train_config({**method, name: value})
             except (TrainConfigError, DataPrepError) as exc:
-                raise StudyError(f"space parameter {name}={value!r} would fail in training: {exc}") from None
+                with_method = "".join(f" with {key} {chosen}" for key, chosen in method.items())
+                raise StudyError(f"space parameter {name}={value!r} would fail in training{with_method}: "
+                                 f"{exc}") from None
     categorical = {name: dist.values for name, dist in space.items()
                    if not isinstance(dist, Uniform) and name not in SPLIT_PARAMETERS}
     combinations = list(itertools.islice(itertools.product(*categorical.values()), MAX_COMBINATIONS))
     for values in combinations if len(categorical) > 1 else ():
         params = dict(zip(categorical, values))
         try:
-            config.train_config({**base, **params})
+            config.train_config({**(base or {}), **params})
         except TrainConfigError as exc:
             raise StudyError(f"space values {params} would fail in training together: {exc}") from None
 

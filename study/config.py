@@ -177,9 +177,11 @@ STUDY_FIELDS = ("dataset", "data_root", "split")
 class StudyConfig(Declared):
     error, noun = StudyError, "study"
 
-    name: str | None = option(None, "study name (default: <dataset>-<space>-<time>)", kind=str)
+    name: str | None = option(None, "study name, a directory under the storage (default: <dataset>-<space>-<time>)",
+                              kind=str, path_name=True)
     storage: str = option("results", "where studies live: a local path or a URI Ray accepts")
-    dataset: str = option("digits", "a converted dataset (python -m data_prep list), converted on first use")
+    dataset: str = option("digits", "a converted dataset (python -m data_prep list), converted on first use",
+                          path_name=True)
     data_root: str | None = option(None, "where datasets live (default: $ML_DATA or ./data)", kind=str)
     split: SplitConfig = section(SplitConfig)
     # The training config every trial starts from (its dataset and data root are the study's).
@@ -220,6 +222,8 @@ class StudyConfig(Declared):
             raise StudyError(f"train.{shared[0]}: a study sets it for every trial (dataset and data_root at the top "
                              "level, the split in the split section)")
         where = {"dataset": raw.get("dataset", cls.dataset), "data_root": raw.get("data_root")}
+        for name, value in where.items():  # the study's own keys: a bad one is named as the user wrote it
+            cls.options()[name].check(name, value, StudyError)
         try:
             train = TrainConfig.from_dict({**train, **where})
         except TrainConfigError as exc:

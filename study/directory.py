@@ -8,18 +8,22 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from study.config import StudyConfig, default_name
+from study.checks import planned_trials
+from study.config import StudyConfig, default_name, with_metric
 from study.errors import StudyError
-from study.storage import exists, is_uri, join, make_dirs, newest_study, write_bytes
+from study.storage import exists, is_uri, join, make_dirs, newest_study, read_bytes, write_bytes
 from study.tune_files import read_json
 from trainables.metrics import split_of
+from trainables.same_config import changed_config, differences
 
 STUDY_FILE = "study.json"
+WHERE_IT_RUNS = ("name", "storage", "address")  # config keys a --resume may change: not what the study runs
 
 
 def locate(config: StudyConfig, resume: bool) -> tuple[StudyConfig, str]:
     """The config with its name (a new one, or with --resume and no name the newest study) and
-    the study directory: refused if a new study's exists already, or a resumed one's does not."""
+    the study directory: refused if a new study's exists already, or a resumed one's does not or
+    was started with another config."""
     storage = config.storage if is_uri(config.storage) else os.path.abspath(config.storage)
     make_dirs(storage)
     name = config.name
@@ -36,7 +40,29 @@ def locate(config: StudyConfig, resume: bool) -> tuple[StudyConfig, str]:
         raise StudyError(f"--resume: no study at {study_dir}")
     if not resume and found:
         raise StudyError(f"study {study_dir} already exists: pass --resume to continue it, or another --name")
-    return config.replace(name=name), study_dir
+    config = config.replace(name=name)
+    if resume:
+        check_unchanged(config, study_dir)
+    return config, study_dir
+
+
+def check_unchanged(config: StudyConfig, study_dir: str) -> None:
+    """Refuse to resume a study with a config other than the one its study.json recorded: Tune
+    restores the study as it was, so a change would be ignored, or applied to some trials only.
+    Where the study lives and which cluster runs it (WHERE_IT_RUNS) may change."""
+    try:
+        recorded = json.loads(read_bytes(join(study_dir, STUDY_FILE)))
+        splits = recorded["splits"]
+        has_validation = bool(splits) and all(split["valid"] > 0 for split in splits.values())
+        recorded_config = recorded["config"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise StudyError(f"{join(study_dir, STUDY_FILE)} is not a study record this version can compare the config "
+                         "with; start a new study under another --name") from None
+    # The metric as the first launch resolved it (it depends on whether the splits have a validation set).
+    config, _ = with_metric(config, has_validation)
+    changes = differences(recorded_config, config.to_dict(), ignore=WHERE_IT_RUNS)
+    if changes:
+        raise changed_config("study", study_dir, STUDY_FILE, changes, StudyError)
 
 
 def versions() -> dict:
@@ -49,11 +75,13 @@ def versions() -> dict:
     return found
 
 
-def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, splits: dict) -> None:
-    """study.json: the resolved config, the metric the study selects on, versions, dataset and
-    split checksums (written whole or not at all)."""
+def write_study_json(study_dir: str, config: StudyConfig, space: dict, info, splits: dict,
+                     resume_command: str) -> None:
+    """study.json: the resolved config, the metric the study selects on, the trials it plans and
+    the command that resumes it, versions, dataset and split checksums (written whole or not at all)."""
     record = {
         "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "planned_trials": planned_trials(config, space), "resume_command": resume_command,
         "metric": config.metric, "mode": config.mode, "selected_on": split_of(config.metric),
         "config": config.to_dict(), **_space_record(config, space),
         "versions": versions(),

@@ -10,19 +10,35 @@ import tempfile
 from study.config import StudyConfig
 from study.console import OneLineLogs, print_plan, print_summary
 from study.directory import write_study_json
+from study.errors import StudyError
+from study.interrupt import StopOnSignal
 from study.storage import join, local_study
 from study.storage_failure import DiskErrorWatch, storage_failed, storage_failure
 from study.trial import check_trials_fit
 from trainables.cluster import can_grow, connect, node_resources
 
 
-def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, info, splits: dict) -> int:
-    """Run (or resume) the study and write its report; the exit code."""
+def _write_report(study_dir: str, interrupted: bool):
+    """Write the study's report; an interrupted study whose trials had yet to report has none (None)."""
+    from study.report import write_report
+
+    try:
+        with local_study(study_dir) as mirror:
+            return write_report(mirror)
+    except StudyError:
+        if interrupted:
+            return None
+        raise
+
+
+def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, info, splits: dict,
+          resume_command: str) -> int:
+    """Run (or resume) the study and write its report; the exit code (128 + the signal's number
+    when SIGINT or SIGTERM interrupted it: study/interrupt.py)."""
     import ray
     import ray.data
 
     from study.compare import run_stages
-    from study.report import write_report
     from study.splits import decode_once
     from study.tuner import build_tuner, restore_tuner
 
@@ -38,7 +54,7 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
     if local or not can_grow():  # an autoscaler may add the nodes a trial needs; a fixed cluster never will
         check_trials_fit(config, cluster, node_resources(), local)
     if not resume:
-        write_study_json(study_dir, config, space, info, splits)
+        write_study_json(study_dir, config, space, info, splits, resume_command)
     print_plan(config, space, study_dir)
     # The study's loggers are its own (study/tuner.py): Tune adds none, so its TensorBoard logger
     # does not also write events against its iteration count (nor print a second command).
@@ -61,15 +77,21 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
     os.chdir(tempfile.gettempdir())
     watch = DiskErrorWatch()  # first: OneLineLogs drops the exception from the record
     logging.getLogger("ray").handlers.insert(0, watch)
+    interruption, report, stopped_in = StopOnSignal(), None, None
     try:
-        watch.stopping = True
-        stopped_in = run_trials()
-        watch.stopping = False
+        with interruption:
+            watch.stopping = True
+            stopped_in = run_trials()
+            watch.stopping = False
         ray.shutdown()  # the workers' last log lines arrive before the summary, not after it
         problem = watch.problem or storage_failure(study_dir)
         if problem is None:
-            with local_study(study_dir) as mirror:
-                report = write_report(mirror)
+            report = _write_report(study_dir, interrupted=interruption.signum is not None)
+    except KeyboardInterrupt:
+        if interruption.signum is None:
+            raise
+        ray.shutdown()  # a second signal (or one before Tune listened): stopped at once
+        problem = None
     except Exception as exc:
         problem = watch.problem or storage_failure(study_dir, exc)
         if problem is None:
@@ -78,11 +100,15 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
         logging.getLogger("ray").removeHandler(watch)
     if problem is not None:
         raise storage_failed(study_dir, problem)
-    print_summary(report, study_dir)
-    if stopped_in is not None:
-        print(f"the study stopped in its {stopped_in} stage before its trials ended; continue it: python -m "
-              f"study.launch --storage {config.storage} --name {config.name} --resume", file=sys.stderr)
-        return 130
+    if report is not None:
+        print_summary(report, study_dir)
+    if interruption.signum is not None:
+        print(interruption.line(config.name, resume_command, reported=report is not None), file=sys.stderr)
+        return interruption.exit_code
+    if stopped_in is not None:  # a compare stage whose trials did not all end
+        print(f"error: the study stopped in its {stopped_in} stage before its trials ended; continue it: "
+              f"{resume_command}", file=sys.stderr)
+        return 2
     if report.best is None:  # every trial failed: say why in one line
         failure = next((t.error for t in report.trials if t.status == "ERROR" and t.error), None)
         why = f"; the first failure: {failure}" if failure else ""

@@ -13,6 +13,7 @@ the CAI thresholds with CADR, plus the FixMatch baseline and CADR at the paper's
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -83,7 +84,15 @@ def settings(args) -> list[tuple[str, object]]:
     return pairs
 
 
+def resume_command(argv: list[str], name: str) -> str:
+    """The command line that continues this study: the same arguments, its name, and --resume."""
+    named = any(arg == "--name" or arg.startswith("--name=") for arg in argv)
+    argv = [*argv, *([] if named else ["--name", name]), *([] if "--resume" in argv else ["--resume"])]
+    return shlex.join(["python", "-m", "study.launch", *argv])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = build_parser().parse_args(argv)
     if args.list_spaces:
         for name in SPACES:
@@ -94,13 +103,13 @@ def main(argv=None):
                 print(f"    {param:<14} {dist.describe()}")
         return 0
     try:
-        return launch(args)
+        return launch(args, argv)
     except USER_ERRORS as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 
-def launch(args) -> int:
+def launch(args, argv: list[str]) -> int:
     """Check the study, convert its dataset and cut its splits (all before Ray starts), then run it."""
     from data_prep.convert import prepare
     from study.splits import prepare_splits
@@ -133,7 +142,8 @@ def launch(args) -> int:
     from study.driver import drive
 
     with DriverClaim(study_dir):  # one driver per study, from here to the report
-        return drive(config, space, study_dir, resume=args.resume, info=info, splits=splits)
+        return drive(config, space, study_dir, resume=args.resume, info=info, splits=splits,
+                     resume_command=resume_command(argv, config.name))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig
 from study.errors import StudyError
 from study.tune_files import FIXED, GRID, SEARCH
+from trainables.loop import FATAL_ERROR
 
 
 class NothingToSearch(Searcher):
@@ -37,14 +38,21 @@ class FixedPointsFirst(Searcher):
     Every suggestion gets a label: a fixed point's own, a named starting point's own (the inner
     searcher suggests its `points_to_evaluate` first, in order), else "search"; and the
     `constants` (what every trial of this search shares, e.g. a compare stage's method). Results
-    of fixed points are not fed to the inner searcher: they lie outside its space."""
+    of fixed points are not fed to the inner searcher: they lie outside its space.
 
-    def __init__(self, searcher, fixed_points, metric, mode, start_labels=(), constants=None):
+    How a searched trial ended reaches the inner searcher as the report tells it (study/report/):
+    a trial the scheduler stopped before its planned steps (STOPPED_EARLY) as pruned, one that a
+    failure that would recur ended (its result holds `fatal_error`) as failed; Optuna keeps them so
+    (PRUNED, FAIL), and optuna-dashboard shows the study's story."""
+
+    def __init__(self, searcher, fixed_points, metric, mode, start_labels=(), steps=None, constants=None):
         super().__init__(metric=metric, mode=mode)
         self.searcher, self.pending = searcher, list(fixed_points)
         self.start_labels = list(start_labels)  # the labels of the inner searcher's first suggestions
         self.constants = dict(constants or {})
         self.fixed_trials = set()
+        self.steps = steps  # the steps a trial trains unless its suggestion sweeps them
+        self.planned = {}  # trial id -> the steps it was suggested to train
 
     def set_search_properties(self, metric, mode, config, **spec):
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -56,6 +64,7 @@ class FixedPointsFirst(Searcher):
         suggestion = self.searcher.suggest(trial_id)
         if not isinstance(suggestion, dict):
             return suggestion
+        self.planned[trial_id] = suggestion.get("steps", self.steps)
         return {"label": self.start_labels.pop(0) if self.start_labels else SEARCH, **self.constants, **suggestion}
 
     def on_trial_result(self, trial_id, result):
@@ -63,13 +72,23 @@ class FixedPointsFirst(Searcher):
             self.searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if trial_id not in self.fixed_trials:
-            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        if trial_id in self.fixed_trials:
+            return
+        planned = self.planned.get(trial_id)
+        if result and result.get(FATAL_ERROR):
+            result, error = None, True
+        elif result and not error and planned is not None and result.get("step", planned) < planned:
+            # Stopped by the scheduler. Tune passes the result it stopped on to no searcher's
+            # on_trial_result; reported now, it is the value Optuna keeps for the pruned trial.
+            # OptunaSearch records a trial that ends without a result, and not failed, as PRUNED.
+            self.searcher.on_trial_result(trial_id, result)
+            result = None
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
     # Tune saves the inner searcher itself; a wrapper keeps only its own state.
     def get_state(self):
         return {"pending": self.pending, "fixed_trials": self.fixed_trials, "start_labels": self.start_labels,
-                "constants": self.constants}
+                "steps": self.steps, "planned": self.planned, "constants": self.constants}
 
     def set_state(self, state):
         self.__dict__.update(state)
@@ -101,12 +120,12 @@ def build_searcher(config: StudyConfig, space: dict, study_dir: str, experiment:
                    else optuna.samplers.RandomSampler(seed=search.seed))
         starts = [{k: v for k, v in point.items() if k != "label"} for point in search.points_to_evaluate]
         inner = OptunaSearch(space=to_optuna(space), metric=config.metric, mode=config.mode,
-                                     points_to_evaluate=starts or None, sampler=sampler,
-                                     storage=_optuna_database(optuna_storage(config, study_dir)),
-                                     study_name=config.name + (f"-{experiment}" if experiment else ""))
+                             points_to_evaluate=starts or None, sampler=sampler,
+                             storage=_optuna_database(optuna_storage(config, study_dir)),
+                             study_name=config.name + (f"-{experiment}" if experiment else ""))
     fixed = [{"label": p.get("label", FIXED), **p} for p in search.fixed_points]
     start_labels = [point.get("label", SEARCH) for point in search.points_to_evaluate]
-    return FixedPointsFirst(inner, fixed, config.metric, config.mode, start_labels, constants), {}
+    return FixedPointsFirst(inner, fixed, config.metric, config.mode, start_labels, config.train.steps, constants), {}
 
 
 def _optuna_database(url: str | None):

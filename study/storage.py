@@ -100,7 +100,8 @@ def write_bytes(location: str, data: bytes) -> None:
 
 
 def read_bytes(location: str) -> bytes | None:
-    """A file's bytes, or None if there is no such file."""
+    """A file's bytes (a path or a URI), or None if there is no such file; StudyError if it cannot
+    be read."""
     fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as f:

@@ -38,9 +38,9 @@ class TrainConfig(Declared):
     error = TrainConfigError
 
     # data
-    dataset: str = option("digits", "a converted dataset (python -m data_prep list)")
+    dataset: str = option("digits", "a converted dataset (python -m data_prep list)", path_name=True)
     split: str = option("digits_LT_10.1@50", "an MNAR split of it: a file in its splits/ or an original-style "
-                        "name such as digits_LT_10.1@50-100")
+                        "name such as digits_LT_10.1@50-100", path_name=True)
     data_root: str | None = option(None, "where datasets live (default: $ML_DATA or ./data)", kind=str)
     # model and augmentation
     model: str = option("cnn_small", "the network", choices=tuple(sorted(MODELS)))

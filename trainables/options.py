@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from data_prep.names import PLAIN_NAME, is_plain_name
+
 OPTION = "option"  # the key of a field's Option in its dataclass metadata
 SECTION = "section"  # the key of a nested Declared class (a section of a config)
 
@@ -51,6 +53,7 @@ class Option:
     # The bool options of which at least one must be on for this option to matter (cai_beta needs
     # cai or cadr); a search leaves it alone otherwise.
     needs: tuple = ()
+    path_name: bool = False  # a name that becomes a path under a root: plain only (data_prep/names.py)
 
     def __post_init__(self):
         if self.kind is None:
@@ -64,6 +67,8 @@ class Option:
     def allowed(self) -> str:
         if self.kind is bool:
             return "true or false"
+        if self.path_name:
+            return PLAIN_NAME
         if self.choices is not None:
             return f"one of {', '.join(map(str, self.choices))}"
         if self.low is not None and self.high is not None:
@@ -81,6 +86,8 @@ class Option:
             return self.optional
         if self.kind is bool:
             return isinstance(value, bool)
+        if self.path_name:
+            return is_plain_name(value)
         if self.kind is str:
             return isinstance(value, str) and (self.choices is None or value in self.choices)
         if self.kind not in (int, float):

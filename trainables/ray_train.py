@@ -9,6 +9,7 @@ and `fit`, which starts the TorchTrainer.
 import logging
 import os
 import sys
+from datetime import datetime
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError, TrainingFailed
 from trainables.loop import LoopContext, TrainData, run_or_report_failure
 from trainables.resources import Resources
+from trainables.same_config import check_rerun, record_run
 
 
 def check_batch_split(config: TrainConfig, resources: Resources) -> None:
@@ -121,7 +123,8 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     """Run one data-parallel training on the connected (or a new local) Ray cluster.
 
     Returns Ray Train's Result (metrics of the last report, checkpoint, path). `name` must be
-    unique per run: Ray resumes a run whose name and storage path already exist.
+    unique per run: Ray resumes a run whose name and storage path already exist, and only with the
+    training config the run recorded when it started (its run.json; TrainConfigError otherwise).
     check_resources=False skips the check that the workers fit the cluster's nodes (skipped anyway
     on a cluster an autoscaler may grow). verify=False skips the dataset's checksum (a study
     verifies it once, before its first trial). `datasets`: the split's Ray datasets as
@@ -140,6 +143,8 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
 
     info, split = resolve(config.dataset, config.split, config.data_root, verify=verify)
     storage_path = prepare_storage(str(storage_path))
+    name = name or f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_rerun(config, storage_path, name)  # an existing run continues only as it started
     check_batch_split(config, resources)
     # A new local Ray unless --address or RAY_ADDRESS names a cluster.
     local = connect(address) if not ray.is_initialized() else False
@@ -152,10 +157,6 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
         resources.check_gpus(cluster.get("GPU", 0))
         data_tasks = {} if datasets else {"Ray Data's tasks": {"CPU": DATA_TASK_CPUS}}
         check_placement(resources.num_workers, resources.per_worker, data_tasks, node_resources(), local)
-    if name is None:
-        from datetime import datetime
-
-        name = f"{config.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     loop_config = {
         "train": config, "classes": info.num_classes, "image_shape": list(info.image_shape),
         "has_valid": split.has_validation, "num_unlabeled": len(split.unlabeled_indices),
@@ -174,6 +175,7 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
             callbacks=callbacks,
         ),
     )
+    record_run(config, storage_path, name)
     result = trainer.fit()
     if result.error is None and result.return_value:
         raise TrainingFailed(result.return_value)

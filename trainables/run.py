@@ -25,7 +25,8 @@ SUMMARY_KEYS = ("step", *(metric_name(split, measure, window) for split in EVAL_
                 "loss/total", "mask_rate", "images_per_second")
 RUN_OPTIONS = {
     "storage": Option("results", "where runs, checkpoints and TensorBoard logs go"),
-    "name": Option(None, "run name (default: <dataset>-<time>; an existing name resumes)", kind=str),
+    "name": Option(None, "run name, a directory under the storage (default: <dataset>-<time>; an existing name "
+                   "resumes, with the same training options)", kind=str, path_name=True),
     "max_failures": Option(2, "worker-group restarts from the last checkpoint", low=0),
     "address": Option(None, "Ray cluster address (default: start a local one)", kind=str),
 }

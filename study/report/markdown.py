@@ -76,7 +76,8 @@ def format_table(report: Report) -> str:
     lines = [md_row(header), md_row(["---"] * len(header))]
     for rank, trial in enumerate(report.trials, 1):
         cells = [rank, trial.trial_id, trial.label, trial.method, *(trial.params.get(n) for n in report.param_columns),
-                 *(percent(trial.value(m)) for m in metrics), trial.steps, seconds(trial.wall_time_s), trial.status]
+                 *(percent(trial.value(m)) for m in metrics), trial.steps, seconds(trial.wall_time_s),
+                 trial.status_text]
         lines.append(md_row(cells))
     return "\n".join(lines)
 
@@ -109,14 +110,22 @@ def selection_lines(report: Report) -> list[str]:
             "never used to choose.", ""]
 
 
+def unfinished_lines(report: Report) -> list[str]:
+    """Above everything else, when the study has trials still to run: that it is unfinished, and how to go on."""
+    why = report.unfinished()
+    if why is None:
+        return []
+    command = report.study.get("resume_command")  # study.json records it (study/directory.py)
+    how = f"`{command}`" if command else "the command that started it, and --resume"
+    return [f"**Unfinished**: {why}; the study was interrupted (or is still running). Continue it with {how}; the "
+            "numbers below are those of the trials so far.", ""]
+
+
 def format_markdown(report: Report) -> str:
     study, config = report.study, report.study.get("config", {})
-    early = len(report.stopped_early())
-    counts = ", ".join(f"{n} {status}" + (f" ({early} of them stopped early, before the planned steps)"
-                                          if status == "TERMINATED" and early else "")
-                       for status, n in report.counts().items())
+    counts = ", ".join(f"{n} {status}" for status, n in report.counts().items())
     direction = "higher" if report.mode == "max" else "lower"
-    lines = [f"# Study {report.name}", "", *selection_lines(report)]
+    lines = [f"# Study {report.name}", "", *unfinished_lines(report), *selection_lines(report)]
     if study:
         lines.append(f"- Dataset: {_dataset(study)}")
         swept = f" (swept: {', '.join(report.swept)})" if report.swept else ""

@@ -12,7 +12,7 @@ from study.directory import read_study_json
 from study.errors import StudyError
 from study.report.cells import cell
 from study.report.comparison import Comparison, build_comparison
-from study.report.trials import FLAGS, STATUSES, TrialRecord, load_trials
+from study.report.trials import FLAGS, STATUSES, UNFINISHED, TrialRecord, load_trials
 from study.tune_files import compare_experiments
 from trainables.errors import TrainConfigError
 from trainables.metrics import EVAL_SPLITS, MEASURES, WINDOWS, default_metric, metric_name, on_split, split_of
@@ -115,13 +115,17 @@ class Report:
         order = list(STATUSES) + sorted(set(found) - set(STATUSES))
         return {status: found.count(status) for status in order if status in found}
 
-    def stopped_early(self) -> list[TrialRecord]:
-        """TERMINATED trials that stopped before the planned steps (pruned by the scheduler, or
-        stopped by a stopping rule)."""
-        planned = self.study.get("config", {}).get("train", {}).get("steps")
-        if planned is None:
-            return []
-        return [t for t in self.trials if t.status == "TERMINATED" and t.steps is not None and t.steps < planned]
+    def unfinished(self) -> str | None:
+        """Why the study is not finished, in words (trials still to run, or to run on), or None
+        when every trial it planned has ended."""
+        waiting = [t for t in self.trials if t.status in UNFINISHED]
+        planned = self.study.get("planned_trials")
+        ended = len(self.trials) - len(waiting)
+        if not waiting and (planned is None or ended >= planned):
+            return None
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts().items() if status in UNFINISHED)
+        return (f"{ended} of {planned if planned is not None else len(self.trials)} planned trials ended"
+                + (f" ({counts})" if counts else ""))
 
     def rows(self) -> list[dict]:
         """report.csv: one row per trial, best first, values exactly as reported."""
@@ -131,7 +135,7 @@ class Report:
                    "group": trial.group, "config": trial.config_tag, "seed": trial.seed, **trial.flags}
             row.update({name: trial.params.get(name) for name in self.param_columns})
             row.update({column: trial.value(key) for column, key in METRIC_COLUMNS.items()})
-            row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status, error=trial.error)
+            row.update(steps=trial.steps, wall_time_s=trial.wall_time_s, status=trial.status_text, error=trial.error)
             rows.append(row)
         return rows
 

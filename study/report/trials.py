@@ -29,7 +29,9 @@ from trainables.methods import METHODS
 from trainables.metrics import class_metric_name
 
 FLAGS = ("cap", "cai", "cadr")  # FixMatch's corrections, a column each in report.csv
-STATUSES = ("TERMINATED", "RUNNING", "PENDING", "PAUSED", "ERROR", "LOST")
+STOPPED_EARLY = "STOPPED_EARLY"  # ended by the scheduler (ASHA, median stopping) before its planned steps
+STATUSES = ("TERMINATED", STOPPED_EARLY, "RUNNING", "PENDING", "PAUSED", "ERROR", "LOST")
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # a trial a --resume runs (on)
 
 @dataclass
 class TrialRecord:
@@ -42,6 +44,7 @@ class TrialRecord:
     path: Path | None = None
     error: str | None = None  # the exception line of error.txt
     train: TrainConfig | None = None  # what the trial trained, resolved from study.json and its params
+    planned_steps: int | None = None  # the steps it was to train (None: not known)
 
     @property
     def last(self) -> dict:
@@ -58,6 +61,13 @@ class TrialRecord:
     def steps(self) -> int | None:
         steps = self.last.get("step", self.last.get("training_iteration"))
         return int(steps) if isinstance(steps, (int, float)) else None
+
+    @property
+    def status_text(self) -> str:
+        """The status as the report shows it: a trial the scheduler stopped says at which step."""
+        if self.status == STOPPED_EARLY:
+            return f"{STOPPED_EARLY} at step {self.steps} of {self.planned_steps}"
+        return self.status
 
     @property
     def wall_time_s(self) -> float | None:
@@ -135,11 +145,12 @@ def load_trials(study_dir, planned_steps: int | None = None) -> list[TrialRecord
 
     Statuses come from Tune's newest experiment_state-*.json; a trial it does not list yet is
     ERROR if it left an error file, TERMINATED if its last result is final, RUNNING if it has
-    results and PENDING if not. Trials Tune lists but has not started have no directory. A trial
-    that ran (it has checkpoints) but whose result or parameter file is empty or unreadable, as a
-    failed storage leaves them, is listed as LOST: never dropped silently. A trial that ended has
-    the launcher's own record too (<study>/finished/): its parameters and last result stand in for
-    Tune's files when those were cut short."""
+    results and PENDING if not. A TERMINATED trial whose last step is short of the steps it
+    planned was stopped by the scheduler: STOPPED_EARLY. Trials Tune lists but has not started
+    have no directory. A trial that ran (it has checkpoints) but whose result or parameter file
+    is empty or unreadable, as a failed storage leaves them, is listed as LOST: never dropped
+    silently. A trial that ended has the launcher's own record too (<study>/finished/): its
+    parameters and last result stand in for Tune's files when those were cut short."""
     study_dir = Path(study_dir)
     states = state_trials_in(study_dir)
     by_dir = {state.get("relative_logdir"): state for state in states if state.get("relative_logdir")}
@@ -171,12 +182,17 @@ def load_trials(study_dir, planned_steps: int | None = None) -> list[TrialRecord
                   else _inferred_status(results, error, planned_steps))
         if results and results[-1].get(FATAL_ERROR):  # a failure that would recur ended the trial
             status, error = "ERROR", str(results[-1][FATAL_ERROR])
-        trials.append(TrialRecord(trial_id, flat_params(params), status, results, path, error))
+        params = flat_params(params)
+        planned = params.get("steps", planned_steps)  # a trial's own steps where the space sweeps them
+        if status == "TERMINATED" and planned is not None and results and results[-1].get("step", planned) < planned:
+            status = STOPPED_EARLY
+        trials.append(TrialRecord(trial_id, params, status, results, path, error, planned_steps=planned))
         seen.add(trial_id)
     for state in states:  # created by Tune, not started yet
         if state.get("trial_id") and state["trial_id"] not in seen:
-            trials.append(TrialRecord(state["trial_id"], flat_params(state.get("config") or {}),
-                                      state.get("status") or "PENDING"))
+            params = flat_params(state.get("config") or {})
+            trials.append(TrialRecord(state["trial_id"], params, state.get("status") or "PENDING",
+                                      planned_steps=params.get("steps", planned_steps)))
     return sorted(trials, key=lambda t: t.trial_id)
 
 

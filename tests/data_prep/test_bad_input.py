@@ -361,7 +361,9 @@ def test_mcar_split_larger_than_the_training_set(synth, cli_error):
     (["--kind", "mcar", "--size", "10", "--gamma-u", "2"], "gamma_u must be > 0 and is only for lt splits"),
     (["--kind", "mcar"], "an mcar split needs size >= 1"),
     (["--kind", "rand"], "an rand split needs n_max >= 1"),
-    (["--n-max", "10", "--gamma-l", "10", "--name", "../escape"], "invalid split name '../escape'"),
+    (["--n-max", "10", "--gamma-l", "10", "--name", "../escape"],
+     "split name must be a plain name, one entry under its root (not empty, no '/' or '\\', not starting with '.'), "
+     "got '../escape'"),
 ], ids=["gamma_l<1", "gamma_l nan", "no gamma_l", "no n_max", "n_max 0", "gamma_u 0", "gamma_u mcar",
         "mcar no size", "rand no n_max", "name with slash"])
 def test_invalid_split_parameters(synth, cli_error, args, message):

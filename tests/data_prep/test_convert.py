@@ -25,6 +25,7 @@ from raw_sources import (
 import data_prep.parquet
 from data_prep.__main__ import main
 from data_prep.convert import convert
+from data_prep.splits import load_split
 
 
 def class_counts(labels) -> dict:
@@ -146,6 +147,56 @@ def test_imagefolder_tree_round_trips_with_a_stratified_test_split(tmp_path):
     assert meta["image_shape"] == [16, 16, 3]
     assert meta["partitions"]["test"]["class_counts"] == {"0": 1, "1": 1, "2": 1}  # round(5 * 0.2)
     assert meta["partitions"]["train"]["class_counts"] == {"0": 4, "1": 4, "2": 4}
+
+
+def test_two_image_folders_live_side_by_side_under_names_of_their_own(tmp_path, capsys):
+    cats, dogs = make_image_tree(tmp_path / "cats", seed=1), make_image_tree(tmp_path / "dogs", seed=2, per_class=3)
+    root = tmp_path / "data"
+    for source, name in ((cats, "my_cats"), (dogs, "Dogs-v2")):
+        assert main(["convert", "imagefolder", "--source", str(source.path), "--name", name, "--data-root", str(root),
+                     "--image-size", "16"]) == 0
+    assert sorted(p.name for p in root.iterdir()) == ["Dogs-v2", "my_cats"]
+    for source, name in ((cats, "my_cats"), (dogs, "Dogs-v2")):
+        meta = json.loads((root / name / "dataset.json").read_text())
+        assert (meta["name"], meta["reader"]) == (name, "imagefolder")
+        _, train_images, train_labels = read_converted(root / name, "train")
+        _, test_images, test_labels = read_converted(root / name, "test")
+        assert row_multiset(np.concatenate([train_images, test_images]),
+                            np.concatenate([train_labels, test_labels])) == row_multiset(*source.partitions["all"])
+    capsys.readouterr()
+    assert main(["list", "--data-root", str(root)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[-2:] == [f"Dogs-v2       converted at {root / 'Dogs-v2'} from the imagefolder reader",
+                           f"my_cats       converted at {root / 'my_cats'} from the imagefolder reader"]
+    assert listed[3].startswith("imagefolder   not converted ")  # the reader's own name is still free
+    # Splits of a dataset of one's own: cut by the CLI, or by an original-style name on first use.
+    assert main(["split", "my_cats", "--n-max", "4", "--gamma-l", "2", "--data-root", str(root)]) == 0
+    assert (root / "my_cats" / "splits" / "my_cats_LT_2.1@4.json").is_file()
+    split = load_split(data_prep.parquet.open_dataset("Dogs-v2", root), "Dogs-v2_LT_2.2@2")
+    assert (split.dataset, list(split.labeled_counts)) == ("Dogs-v2", [2, 2, 1])
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "", "back\\slash"])
+def test_a_dataset_name_that_is_not_a_plain_name_is_refused_before_anything_is_read(tmp_path, cli_error, name):
+    root = tmp_path / "data"
+    line = cli_error("convert", "imagefolder", "--source", tmp_path / "no-such-folder", "--name", name,
+                     "--data-root", root)
+    assert line == ("error: dataset name must be a plain name, one entry under its root (not empty, no '/' or '\\', "
+                    f"not starting with '.'), got {name!r}")
+    assert not root.exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("command", [["info"], ["split", "--n-max", "4", "--gamma-l", "2"]])
+def test_a_dataset_to_read_is_named_plainly_too(shared_synth, cli_error, command):
+    line = cli_error(command[0], "../shared-data", *command[1:], "--data-root", shared_synth.root / "splits")
+    assert line.startswith("error: dataset name must be a plain name") and line.endswith("got '../shared-data'")
+
+
+def test_a_dataset_name_another_reader_writes_is_refused(tmp_path, cli_error):
+    source = make_image_tree(tmp_path / "tree")
+    line = cli_error("convert", "imagefolder", "--source", source.path, "--name", "cifar10", "--data-root",
+                     tmp_path / "data")
+    assert line == "error: dataset name 'cifar10' is what the cifar10 reader writes; choose another --name"
 
 
 def test_imagefolder_with_train_and_test_folders_keeps_that_split(tmp_path):

@@ -47,8 +47,8 @@ def _config(tmp_path, **sections) -> str:
     ({"compare": {**TINY["compare"], "methods": ["fixmatch", "nomatch"]}}, "unknown method or variant 'nomatch'"),
     ({"compare": {**TINY["compare"], "methods": ["cadr", "cadr"]}}, "compare.methods names a method twice"),
     ({"space": {"ema_m": {"uniform": [0.9, 0.99]}}},
-     "compare.methods fixmatch: space parameter ema_m=0.9 would fail in training: ema_m: not an option of method "
-     "fixmatch"),
+     "compare.methods fixmatch: space parameter ema_m=0.9 would fail in training with variant fixmatch: ema_m: not an "
+     "option of method fixmatch"),
 ])
 def test_a_compare_study_that_cannot_be_fair_fails_before_ray(tmp_path, capsys, sections, message):
     assert main(["--config", _config(tmp_path, **sections), "--storage", str(tmp_path)]) == 2

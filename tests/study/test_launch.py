@@ -131,6 +131,24 @@ def test_an_optuna_storage_the_study_cannot_use_fails_before_ray(tmp_path, capsy
     _fails_before_ray(capsys, argv, message)
 
 
+PLAIN = "must be a plain name, one entry under its root (not empty, no '/' or '\\', not starting with '.'), got "
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--name", "../../elsewhere"], f"name {PLAIN}'../../elsewhere'"),
+    (["--name", "a/b"], f"name {PLAIN}'a/b'"),
+    (["--name", ".."], f"name {PLAIN}'..'"),
+    (["--name", ".hidden"], f"name {PLAIN}'.hidden'"),
+    (["--name", ""], f"name {PLAIN}''"),
+    (["--set", "dataset=../digits"], f"dataset {PLAIN}'../digits'"),
+])
+def test_a_name_that_would_leave_its_root_is_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    storage = tmp_path / "nest" / "studies"
+    _fails_before_ray(capsys, ["--config", _config(tmp_path), "--storage", str(storage), "--data-root",
+                               str(tmp_path / "nest" / "data"), *argv], message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # no storage, data root or "elsewhere"
+
+
 def test_unwritable_storage_fails_before_ray(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -405,6 +423,26 @@ def test_a_combination_of_space_values_training_rejects_fails_before_ray(tmp_pat
     _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)],
                       "space values {'cadr': True, 'cap': False} would fail in training together: "
                       "cadr=True requires cap=True")
+
+
+def test_a_parameter_of_every_variant_that_runs_is_accepted_whatever_the_base_method(tmp_path, capsys, digits_root):
+    # The base trains CADR (fixmatch), which has no ema_m; both variants that run have it.
+    space = {"variant": {"grid": ["freematch", "softmatch"]}, "ema_m": {"grid": [0.9, 0.99]}}
+    config = _config(tmp_path, space=space, search={"algorithm": "grid", "num_samples": 1, "max_concurrent": 1})
+    assert main(["--config", config, "--storage", str(tmp_path / "studies"), "--data-root", digits_root,
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 4 (0 fixed, the rest from grid)" in out and "search ema_m: each of {0.9, 0.99}" in out
+
+
+@pytest.mark.parametrize("variant", [{"choice": ["freematch", "cadr"]}, {"grid": ["freematch", "cadr"]}])
+def test_a_parameter_a_variant_that_runs_does_not_have_fails_before_ray_naming_the_variant(tmp_path, capsys,
+                                                                                           variant):
+    space = {"variant": variant, "ema_m": {"uniform": [0.9, 0.99]}}
+    config = _config(tmp_path, space=space, search={**TINY["search"], "points_to_evaluate": [], "fixed_points": []})
+    _fails_before_ray(capsys, ["--config", config, "--storage", str(tmp_path)],
+                      "space parameter ema_m=0.9 would fail in training with variant cadr: ema_m: not an option of "
+                      "method fixmatch")
 
 
 def test_a_parameter_no_training_option_or_method_has_fails_before_ray(tmp_path, capsys):

@@ -189,19 +189,23 @@ def test_a_study_that_selected_on_test_says_so_in_its_first_lines(study_copy):
 def test_statuses_come_from_tunes_experiment_state(study_dir):
     statuses = {key_of(t.params): t.status for t in load_trials(study_dir)}
     assert statuses.pop(FAILING) == "ERROR"
+    assert statuses.pop(STOPPED) == "STOPPED_EARLY"  # TERMINATED to Tune, before its planned steps
     assert set(statuses.values()) == {"TERMINATED"}
     write_report(study_dir)
     failed = next(r for r in read_csv(study_dir) if (r["variant"], int(r["seed"])) == FAILING)
     assert (failed["status"], failed["error"]) == ("ERROR", "RuntimeError: loss became NaN on purpose")
 
 
-def test_early_stopped_trial_is_terminated_with_fewer_steps(study_dir):
-    report = build_report(study_dir)
+def test_a_trial_stopped_before_its_planned_steps_says_so_and_at_which_step(study_dir):
+    report = write_report(study_dir)
     stopped = next(t for t in report.trials if key_of(t.params) == STOPPED)
-    assert (stopped.status, stopped.steps) == ("TERMINATED", STOPPED_AFTER * STEPS_PER_EVAL)
-    assert report.stopped_early() == [stopped]
-    assert "- Trials: 6: 5 TERMINATED (1 of them stopped early, before the planned steps), 1 ERROR\n" in \
-        report_module.format_markdown(report)
+    assert (stopped.status, stopped.steps) == ("STOPPED_EARLY", STOPPED_AFTER * STEPS_PER_EVAL)
+    text = (study_dir / "report.md").read_text()
+    assert "- Trials: 6: 4 TERMINATED, 1 STOPPED_EARLY, 1 ERROR\n" in text
+    assert "| STOPPED_EARLY at step 20 of 40 |" in text
+    assert "Unfinished" not in text  # every trial ended
+    row = next(r for r in read_csv(study_dir) if (r["variant"], int(r["seed"])) == STOPPED)
+    assert (row["status"], row["steps"]) == ("STOPPED_EARLY at step 20 of 40", "20")
 
 
 def test_without_experiment_state_statuses_are_inferred_from_the_files(study_copy):
@@ -211,7 +215,7 @@ def test_without_experiment_state_statuses_are_inferred_from_the_files(study_cop
     statuses = {key_of(t.params): t.status for t in load_trials(study_copy)}
     assert statuses[FAILING] == "ERROR"
     assert statuses[("cadr", 1)] == statuses[("fixmatch", 0)] == "TERMINATED"
-    assert statuses[STOPPED] == "TERMINATED"  # Tune marks the last result of a stopped trial done
+    assert statuses[STOPPED] == "STOPPED_EARLY"  # Tune marks the last result of a stopped trial done
 
 
 def test_trials_tune_has_queued_but_not_started_are_listed_as_pending(study_copy):
@@ -226,8 +230,11 @@ def test_trials_tune_has_queued_but_not_started_are_listed_as_pending(study_copy
     pending = report.trials[-1]
     assert (pending.trial_id, pending.status, pending.path) == ("queued_00042", "PENDING", None)
     assert pending.params["seed"] == 7
-    assert "- Trials: 7: 5 TERMINATED (1 of them stopped early, before the planned steps), 1 PENDING, 1 ERROR\n" in \
-        report_module.format_markdown(report)
+    text = report_module.format_markdown(report)
+    assert "- Trials: 7: 4 TERMINATED, 1 STOPPED_EARLY, 1 PENDING, 1 ERROR\n" in text
+    assert text.splitlines()[2] == ("**Unfinished**: 6 of 7 planned trials ended (1 PENDING); the study was "
+                                    "interrupted (or is still running). Continue it with the command that started "
+                                    "it, and --resume; the numbers below are those of the trials so far.")
 
 
 # --- report.md ------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ def test_header_states_plainly_whether_the_best_trial_beat_the_fixmatch_baseline
             f"+{d_accuracy:.1f} points accuracy and +{d_gm:.1f} GM") in text
     assert text.startswith(f"# Study {report.name}\n\nSelected on the validation split ({METRIC})")
     assert "- Dataset: digits, split lt (n_max 50, gamma_l 20, seed 1)" in text
-    assert "- Trials: 6: 5 TERMINATED" in text
+    assert "- Trials: 6: 4 TERMINATED, 1 STOPPED_EARLY, 1 ERROR" in text
     assert (f"- Best: trial {best_id} (CADR, confidence=0.84, seed=0): {METRIC} {100 * best[METRIC]:.1f}; test "
             f"accuracy {100 * best['test_accuracy_median_10']:.1f}, GM {100 * best['test_gm_median_10']:.1f}, "
             f"balanced accuracy {100 * best['test_balanced_accuracy_median_10']:.1f}") in text
@@ -443,7 +450,8 @@ def test_a_finished_trial_whose_files_a_storage_failure_emptied_keeps_its_last_r
     after = {row["trial_id"]: row for row in read_csv(study_copy)}
     assert after == before  # every column: parameters, status, steps and metrics from the study's record
     records = {p.stem: json.loads(p.read_text()) for p in (study_copy / "finished").glob("*.json")}
-    assert {tid: r["status"] for tid, r in records.items()} == {tid: row["status"] for tid, row in before.items()}
+    assert records.keys() == before.keys()  # Tune's word for each (the report tells a stopped one apart)
+    assert sorted(r["status"] for r in records.values()) == ["ERROR"] + ["TERMINATED"] * 5
 
 
 def test_a_trial_that_went_on_after_its_record_is_reported_from_its_files(study_copy):
@@ -471,8 +479,7 @@ def test_a_trial_whose_result_files_a_storage_failure_emptied_is_listed_as_lost(
     lost_rows = [row for row in read_csv(study_copy) if row["status"] == "LOST"]
     assert len(lost_rows) == 1 and lost_rows[0]["error"].startswith("its results were lost")
     assert len(report.trials) == len(EXPECTED_ORDER)  # never dropped
-    assert ("- Trials: 6: 4 TERMINATED (1 of them stopped early, before the planned steps), 1 ERROR, 1 LOST"
-            in (study_copy / "report.md").read_text())
+    assert "- Trials: 6: 3 TERMINATED, 1 STOPPED_EARLY, 1 ERROR, 1 LOST\n" in (study_copy / "report.md").read_text()
 
 
 def test_a_malformed_study_json_is_a_study_error(study_copy):

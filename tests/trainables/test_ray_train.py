@@ -317,6 +317,8 @@ def test_a_diverging_run_ends_with_one_line_and_exit_2_without_retries(local_ray
     # CAP's pseudo-inverse is the first to meet the NaN logits: it still reads as divergence.
     assert len(errors) == 1 and errors[0].startswith("error: training diverged: the logits became NaN or infinite")
     assert "[FailurePolicy] RETRY" not in done.stderr + done.stdout  # divergence recurs: not retried
+    recorded = json.loads((tmp_path / "diverging" / "run.json").read_text())  # what a rerun must match
+    assert (recorded["lr"], recorded["steps"], recorded["cadr"]) == (1e6, 40, True)
 
 
 def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(local_ray, digits_root, tmp_path):
@@ -331,7 +333,7 @@ def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(lo
 
     torch.save({"step": RunsCode()}, checkpoint)  # what an attacker with write access could plant
     done = run_cli("--dataset", "digits", "--split", "digits_LT_10.1@50-100", "--data-root", digits_root,
-                   "--steps", "40", "--eval-every", "20", "--batch-size", "16", "--mu", "2", "--cap", "--cai", "--cadr",
+                   "--steps", "20", "--eval-every", "20", "--batch-size", "16", "--mu", "2", "--cap", "--cai", "--cadr",
                    "--storage", tmp_path, "--name", "refused")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2, done.stderr[-3000:]

@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from data_prep.convert import prepare
+from trainables.config import TrainConfig
 from trainables.run import main
+from trainables.same_config import record_run
 
 
 def test_cli_reports_a_bad_option_value_as_one_error_line_before_ray_starts(capsys, tmp_path):
@@ -33,6 +35,31 @@ def test_cli_reports_a_split_of_another_dataset_as_one_error_line(tmp_path):
         "error: split 'mnist5k_LT_10.1@50' is for dataset 'mnist5k', not 'digits'"], done.stderr
     assert lines[-1].startswith("error:") and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "..", ".hidden", ""])
+def test_a_run_name_that_would_leave_the_storage_is_one_error_line_before_anything_is_written(capsys, tmp_path,
+                                                                                              name):
+    code = main(["--name", name, "--storage", str(tmp_path / "runs")])
+    assert (code, capsys.readouterr().err) == (2, "error: name must be a plain name, one entry under its root (not "
+                                                  f"empty, no '/' or '\\', not starting with '.'), got {name!r}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_under_an_existing_name_with_other_options_is_refused_naming_them(capsys, tmp_path):
+    import ray
+
+    prepare("digits", tmp_path / "data")
+    options = ["--data-root", str(tmp_path / "data"), "--split", "digits_LT_10.1@50", "--steps", "20"]
+    first = TrainConfig.from_dict({"data_root": str(tmp_path / "data"), "split": "digits_LT_10.1@50", "steps": 20})
+    record_run(first, str(tmp_path / "runs"), "base")  # what the first run wrote before it trained
+    capsys.readouterr()
+    code = main([*options, "--steps", "40", "--lr", "0.1", "--storage", str(tmp_path / "runs"), "--name", "base"])
+    assert (code, capsys.readouterr().err) == (2, (
+        f"error: run {tmp_path / 'runs'}/base was started with another config (run.json): lr: 0.03 there, 0.1 now; "
+        "steps: 20 there, 40 now; drop the change to continue it, or start a new run under another --name\n"))
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in (tmp_path / "runs" / "base").iterdir()) == ["run.json"]  # nothing else written
 
 
 def test_storage_under_a_file_is_one_error_line_before_ray_starts(capsys, tmp_path):

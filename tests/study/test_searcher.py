@@ -1,0 +1,53 @@
+"""Specification of how the searcher hears how trials ended (study/searcher.py): a trial ASHA stopped
+before its planned steps is STOPPED_EARLY in the report and PRUNED in the Optuna study kept in a
+database, with the value it was stopped at; a finished one is TERMINATED and COMPLETE; one that
+diverged is ERROR and FAIL."""
+
+import csv
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+
+METRIC = "valid_balanced_accuracy_median_10"
+STUDY = {
+    "dataset": "digits",
+    "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
+    "train": {"model": "cnn_small", "steps": 40, "eval_every": 20, "batch_size": 8, "mu": 2,
+              "cap": True, "cai": True, "cadr": True},
+    # One trial learns; the next barely moves from its initial weights (the same seed), so at ASHA's
+    # one rung (the first evaluation) it is behind the first and stopped there; the last diverges.
+    "space": {"lr": {"choice": [0.03, 1.0e-9, 1.0e6]}},
+    "search": {"algorithm": "optuna", "num_samples": 3, "max_concurrent": 1, "seed": 0,
+               "points_to_evaluate": [{"label": "learns", "lr": 0.03}, {"label": "stands still", "lr": 1.0e-9},
+                                      {"label": "diverges", "lr": 1.0e6}],
+               "storage": "sqlite:///{study}/optuna.db"},
+    "scheduler": {"name": "asha", "grace_period": 1},
+}
+
+
+@pytest.mark.ray
+def test_a_trial_asha_stopped_early_is_stopped_early_in_the_report_and_pruned_in_optuna(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(STUDY))
+    done = subprocess.run([sys.executable, "-m", "study.launch", "--config", str(config), "--storage",
+                           str(tmp_path / "studies"), "--name", "asha", "--data-root", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    study = tmp_path / "studies" / "asha"
+    with open(study / "report.csv") as f:
+        rows = {row["label"]: row for row in csv.DictReader(f)}
+    learns, still = rows["learns"], rows["stands still"]
+    assert (learns["status"], learns["steps"]) == ("TERMINATED", "40")
+    assert (still["status"], still["steps"]) == ("STOPPED_EARLY at step 20 of 40", "20")
+    assert rows["diverges"]["status"] == "ERROR" and rows["diverges"]["error"].startswith("training diverged")
+    text = (study / "report.md").read_text()
+    assert "- Trials: 3: 1 TERMINATED, 1 STOPPED_EARLY, 1 ERROR\n" in text
+    assert "| STOPPED_EARLY at step 20 of 40 |" in text
+    trials = optuna.load_study(study_name="asha", storage=f"sqlite:///{study}/optuna.db").trials
+    states = {trial.params["lr"]: (trial.state, trial.value) for trial in trials}
+    assert states == {0.03: (optuna.trial.TrialState.COMPLETE, pytest.approx(float(learns[METRIC]))),
+                      1.0e-9: (optuna.trial.TrialState.PRUNED, pytest.approx(float(still[METRIC]))),
+                      1.0e6: (optuna.trial.TrialState.FAIL, None)}
