@@ -245,8 +245,8 @@ def _dataset(study: dict) -> str:
 
 
 def _describe(trial: TrialRecord, report: Report) -> str:
-    params = ", ".join(f"{n}={cell(trial.params[n])}" for n in report.param_columns
-                       if n in trial.params and n != "variant")
+    names = [*report.param_columns, "seed"]  # the seed has a report.csv column of its own
+    params = ", ".join(f"{n}={cell(trial.params[n])}" for n in names if n in trial.params and n != "variant")
     label = f"{trial.label}: " if trial.label not in GENERIC_LABELS else ""
     return f"{label}{trial.method}" + (f", {params}" if params else "")
 
