@@ -15,8 +15,6 @@ an unfinished one continues; stage 2 starts only once every method's stage 1 has
 import json
 import math
 
-from ray import tune
-
 from study.config import StudyConfig
 from study.errors import StudyError
 from study.method_spaces import COMPLEMENT, method_space
@@ -24,7 +22,7 @@ from study.storage import join, read_bytes, write_bytes
 from study.tune_files import DEFAULTS, TUNED, WINNERS_FILE, search_experiment
 from study.tune_files import STAGE_CONFIRM as CONFIRM
 from study.tune_files import STAGE_SEARCH as SEARCH
-from study.tuner import build_tuner, restore_tuner
+from study.tuner import study_tuner
 
 
 def method_spaces(config: StudyConfig) -> dict[str, dict]:
@@ -66,12 +64,9 @@ def run_stages(config: StudyConfig, study_dir: str, cluster_cpus: float, dataset
 
 
 def _fit(config, space, study_dir, cluster_cpus, datasets, experiment, constants, trials):
-    if tune.Tuner.can_restore(join(study_dir, experiment)):
-        tuner = restore_tuner(config, study_dir, cluster_cpus, datasets, experiment=experiment)
-    else:
-        tuner = build_tuner(config, space, study_dir, cluster_cpus, datasets, experiment=experiment,
-                            constants=constants, trials=trials)
-    return tuner.fit()
+    # An experiment that has begun continues (a finished one is restored as it is).
+    return study_tuner(config, space, study_dir, cluster_cpus, datasets, resume=True, experiment=experiment,
+                       constants=constants, trials=trials).fit()
 
 
 def _finished(grid, trials: int) -> bool:

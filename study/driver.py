@@ -40,7 +40,7 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
 
     from study.compare import run_stages
     from study.splits import decode_once
-    from study.tuner import build_tuner, restore_tuner
+    from study.tuner import study_tuner
 
     # `ray job submit` sets RAY_ADDRESS for the driver: then the study runs on that cluster.
     # Without --address or RAY_ADDRESS this starts a new local Ray, on 127.0.0.1 only: it never
@@ -65,8 +65,7 @@ def drive(config: StudyConfig, space: dict, study_dir: str, *, resume: bool, inf
         def run_trials():
             return run_stages(config, study_dir, cluster_cpus, datasets)
     else:
-        tuner = restore_tuner(config, study_dir, cluster_cpus, datasets) if resume else \
-            build_tuner(config, space, study_dir, cluster_cpus, datasets)
+        tuner = study_tuner(config, space, study_dir, cluster_cpus, datasets, resume=resume)
 
         def run_trials():
             tuner.fit()

@@ -105,6 +105,16 @@ def saved_checkpoints(fs, experiment: str) -> dict | None:
         return None
 
 
+def recorded_a_state(experiment: str) -> bool:
+    """Whether Tune saved an experiment state there: a driver stopped before its first save (it
+    saves once trials start) leaves only tuner.pkl, and nothing of that experiment ran."""
+    fs, path = filesystem(experiment)
+    try:
+        return newest_state(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))) is not None
+    except ERRORS:
+        return False
+
+
 def damaged_state(study_dir: str) -> str | None:
     """The first of Tune's files a resume reads that is empty or not whole (the newest experiment
     state must parse as JSON), or None, also when the study cannot be listed (an unreachable

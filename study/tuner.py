@@ -13,7 +13,7 @@ from study.searcher import build_scheduler, build_searcher
 from study.storage import ERRORS, join, split_uri
 from study.tensorboard import StudyTensorBoard
 from study.trial import MAX_FAILURES, build_trainable
-from study.tune_files import damaged_state, trial_dirname
+from study.tune_files import damaged_state, recorded_a_state, trial_dirname
 
 
 def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: float, datasets=None, *,
@@ -42,6 +42,22 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
                                 callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP),
                                            RecordEndedTrials(), *loggers])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def study_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: float, datasets=None, *,
+                resume: bool, experiment: str | None = None, constants: dict | None = None,
+                trials: int | None = None):
+    """The Tuner of the study (or of one `experiment` of a compare study): new, or restored when
+    resuming one whose trials Tune recorded. A resumed experiment that never recorded a state (its
+    driver stopped before the first trial started) is built anew: nothing of it ran, and Tune's own
+    restart of such an experiment loses the searcher's plan."""
+    path = join(study_dir, experiment) if experiment else study_dir
+    if resume and recorded_a_state(path):
+        return restore_tuner(config, study_dir, cluster_cpus, datasets, experiment=experiment)
+    if resume and not experiment and not tune.Tuner.can_restore(path):
+        raise StudyError(f"nothing to resume at {path} (no Tune experiment state there)")
+    return build_tuner(config, space, study_dir, cluster_cpus, datasets, experiment=experiment, constants=constants,
+                       trials=trials)
 
 
 def restore_tuner(config: StudyConfig, study_dir: str, cluster_cpus: float, datasets=None, *,

@@ -43,7 +43,7 @@ class TrainConfig(Declared):
                         "name such as digits_LT_10.1@50-100", path_name=True)
     data_root: str | None = option(None, "where datasets live (default: $ML_DATA or ./data)", kind=str)
     # model and augmentation
-    model: str = option("cnn_small", "the network", choices=tuple(sorted(MODELS)))
+    model: str = option("cnn_small", "the network", choices=MODELS)  # the registry: as it is when checked
     augment: str = option(DEFAULT_AUGMENT, "augmentation of the labeled, weak and strong branches, L.W.S, each part "
                           f"one of {describe_parts()}; a strong d means cta")
     flip: bool | None = option(None, "random horizontal flips (default: off for single-channel data such as "

@@ -43,7 +43,7 @@ class Option:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple | None = None
+    choices: tuple | dict | None = None  # a dict: a registry, whose keys are allowed as it is now
     kind: type | None = None  # the type, where the default (None) does not say it
     # Where a study searches this option (study/method_spaces.py turns it into a space): plain data
     # as a study file writes a range, {"uniform": [lo, hi]}, {"loguniform": [lo, hi]} or
@@ -64,13 +64,18 @@ class Option:
         return self.default is None
 
     @property
+    def choice_list(self) -> list:
+        """The allowed values now (a registry's sorted names)."""
+        return sorted(self.choices) if isinstance(self.choices, dict) else list(self.choices or ())
+
+    @property
     def allowed(self) -> str:
         if self.kind is bool:
             return "true or false"
         if self.path_name:
             return PLAIN_NAME
         if self.choices is not None:
-            return f"one of {', '.join(map(str, self.choices))}"
+            return f"one of {', '.join(map(str, self.choice_list))}"
         if self.low is not None and self.high is not None:
             return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         if self.low is not None:
@@ -214,7 +219,7 @@ def add_argument(parser, flag: str, declaration: Option, *, dest: str | None = N
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text, **kwargs)
         return
     kind = declaration.kind if declaration.kind in (int, float) else str  # anything else is named on a CLI
-    choices = declaration.choices
+    choices = declaration.choice_list
     metavar = ("{" + ",".join(map(str, choices)) + "}" if choices and len(choices) <= 6
                else flag.lstrip("-").replace("-", "_").upper())
     parser.add_argument(flag, type=kind, default=default, help=text, metavar=metavar, **kwargs)

@@ -20,16 +20,19 @@ import yaml
 from study.launch import main
 from study.tune_files import saved_checkpoints
 
-STUDY = {  # two searched trials, one at a time, long enough to be interrupted in the first
+# Two searched trials, one at a time; the first far longer than the test lasts, so every signal
+# lands while it trains, however fast the machine (a short one once ended before the signal).
+STEPS = 100_000
+STUDY = {
     "dataset": "digits",
     "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
-    "train": {"model": "cnn_small", "steps": 200, "eval_every": 10, "batch_size": 8, "mu": 2,
+    "train": {"model": "cnn_small", "steps": STEPS, "eval_every": 10, "batch_size": 8, "mu": 2,
               "cap": True, "cai": True, "cadr": True},
     "space": "thresholds",
     "search": {"algorithm": "optuna", "num_samples": 2, "max_concurrent": 1, "seed": 0},
     "scheduler": {"name": "none"},
 }
-PROGRESS = re.compile(r"\] step (\d+)/200 ")  # a trial's progress line (trainables/evaluation.py)
+PROGRESS = re.compile(rf"\] step (\d+)/{STEPS} ")  # a trial's progress line (trainables/evaluation.py)
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen:
@@ -93,7 +96,7 @@ def test_an_interrupted_study_ends_128_plus_the_signal_and_its_resume_command_co
     assert main([*argv, "--resume", "--set", "train.steps=300", "--set", "search.max_concurrent=2"]) == 2
     assert capsys.readouterr().err == (
         f"error: study {study} was started with another config (study.json): search.max_concurrent: 1 there, 2 now; "
-        "train.steps: 200 there, 300 now; drop the change to continue it, or start a new study under another "
+        f"train.steps: {STEPS} there, 300 now; drop the change to continue it, or start a new study under another "
         "--name\n")
     # Where the study lives may be spelled otherwise: that changes nothing it runs.
     elsewhere = [*argv[:3], str(tmp_path / "studies") + "/", *argv[4:]]

@@ -158,29 +158,6 @@ def test_checkpoint_holds_step_p_ema_and_optimizer_state_and_loads_back_exactly(
     assert_same_state(state.state_dict(), saved)
 
 
-def test_resuming_a_run_continues_at_the_saved_step_with_its_state(first_run):
-    run_dir = first_run["storage"] / first_run["name"]
-    config = digits_config(first_run["config"].data_root, steps=80)
-    result = fit(config, Resources(num_workers=2), storage_path=first_run["storage"], name=first_run["name"])
-    assert result.error is None and result.metrics["step"] == 80
-
-    files = event_files(run_dir / "tensorboard")
-    assert len(files) == 2  # the first run's writer, then the resumed one's
-    resumed = files[1]
-    assert purge_step(resumed) == 41  # hides what a lost run wrote after step 40, not step 40
-    assert sorted(file_scalars(resumed)["step"]) == [60, 80]  # first report: saved step + eval_every
-    assert sorted(scalars(run_dir / "tensorboard")["step"]) == [20, 40, 60, 80]
-
-    # The resumed run carried the saved state on: its metric history starts with the first
-    # run's evaluations, its schedule counts from 40.
-    final = load_state(Path(result.checkpoint.path) / CHECKPOINT_FILE)
-    assert final["step"] == 80 and final["scheduler"]["last_epoch"] == 80
-    first_accuracies = [first_run["scalars"]["test_accuracy"][s] for s in (20, 40)]
-    history = final["tracker"]["history"]["test_accuracy"]
-    assert len(history) == 4
-    assert history[:2] == pytest.approx(first_accuracies, rel=1e-6)
-
-
 def test_one_ray_train_worker_and_the_in_process_runner_train_identically(local_ray, digits_root, tmp_path):
     # The same loop on both paths: Ray Data shards (one worker holds them all) and the in-process
     # loader give the same rows in the same order, so the same seed gives the same weights.
@@ -239,16 +216,16 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
-def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray, digits_root, tmp_path):
-    storage, name, steps = tmp_path / "runs", unique_name("killed"), 200
-    run_dir = storage / name
-    killed, fitted = {}, threading.Event()
+def kill_one_worker_after_a_checkpoint(run_dir) -> dict:
+    """A thread that kills one of this test's two Train workers once the controller has
+    registered a checkpoint of the run; the dict it fills holds the registered steps
+    ("checkpoints") and the killed "pid"; set its "stop" event once the run has ended."""
+    killed = {"stop": threading.Event()}
 
-    def kill_one_worker_after_first_checkpoint():
+    def watch():
         # Watches as long as the run lasts, however slowly a loaded machine gets to its first
         # checkpoint: a fixed deadline here once expired before it.
-        while not fitted.is_set():
+        while not killed["stop"].is_set():
             registered = registered_checkpoint_steps(run_dir)
             if registered and len(pids := train_worker_pids()) == 2:
                 killed["checkpoints"] = registered
@@ -257,14 +234,22 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray,
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
-    killer.start()
+    killed["thread"] = threading.Thread(target=watch, daemon=True)
+    killed["thread"].start()
+    return killed
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray, digits_root, tmp_path):
+    storage, name, steps = tmp_path / "runs", unique_name("killed"), 200
+    run_dir = storage / name
+    killed = kill_one_worker_after_a_checkpoint(run_dir)
     try:
         result = fit(digits_config(digits_root, steps=steps), Resources(num_workers=2), storage_path=storage,
                      name=name, max_failures=2)
     finally:
-        fitted.set()
-    killer.join()
+        killed["stop"].set()
+    killed["thread"].join()
     assert "pid" in killed, "no worker was killed"
     assert max(killed["checkpoints"]) < steps  # the kill landed mid-run
     assert result.error is None
@@ -278,6 +263,42 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray,
     assert min(file_scalars(files[1])["step"]) == resumed_from + EVAL_EVERY
     reported = sorted(scalars(run_dir / "tensorboard")["step"])
     assert reported == list(range(EVAL_EVERY, steps + 1, EVAL_EVERY))  # no gap, ends at `steps`
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_a_run_that_failed_continues_under_its_name_at_the_saved_step_with_its_state(local_ray, digits_root,
+                                                                                    tmp_path):
+    # A run whose worker dies with no retries left fails; the same command (same config, same
+    # name) continues it from the last checkpoint the controller registered, state and all.
+    storage, name, steps = tmp_path / "runs", unique_name("failed"), 200
+    run_dir, config = storage / name, digits_config(digits_root, steps=steps)
+    killed = kill_one_worker_after_a_checkpoint(run_dir)
+    try:
+        with pytest.raises(local_ray.train.WorkerGroupError):
+            fit(config, Resources(num_workers=2), storage_path=storage, name=name, max_failures=0)
+    finally:
+        killed["stop"].set()
+    killed["thread"].join()
+    assert "pid" in killed, "no worker was killed"
+    first = scalars(run_dir / "tensorboard")
+    saved = max(registered_checkpoint_steps(run_dir))
+    assert saved < steps
+
+    result = fit(config, Resources(num_workers=2), storage_path=storage, name=name)
+    assert result.error is None and result.metrics["step"] == steps
+    files = event_files(run_dir / "tensorboard")
+    assert len(files) == 2  # the failed run's writer, then the continued one's
+    assert purge_step(files[1]) == saved + 1  # hides what the failed run wrote after its checkpoint
+    assert sorted(file_scalars(files[1])["step"]) == list(range(saved + EVAL_EVERY, steps + 1, EVAL_EVERY))
+    assert sorted(scalars(run_dir / "tensorboard")["step"]) == list(range(EVAL_EVERY, steps + 1, EVAL_EVERY))
+    # The continued run carried the saved state on: its metric history starts with the failed
+    # run's evaluations, its schedule counts on from the saved step.
+    final = load_state(Path(result.checkpoint.path) / CHECKPOINT_FILE)
+    assert final["step"] == steps and final["scheduler"]["last_epoch"] == steps
+    history = final["tracker"]["history"]["test_accuracy"]
+    assert len(history) == steps // EVAL_EVERY
+    before = [first["test_accuracy"][s] for s in range(EVAL_EVERY, saved + 1, EVAL_EVERY)]
+    assert history[:len(before)] == pytest.approx(before, rel=1e-6)
 
 
 @pytest.mark.parametrize("change, resources, error, message", [  # message: a regular expression
