@@ -93,6 +93,11 @@ class FixedPointsFirst(Searcher):
     def set_state(self, state):
         self.__dict__.update(state)
 
+    def __setstate__(self, state):
+        # A study started by an earlier version of this tool pickled a searcher without the
+        # attributes added since; its resume gets their "not known" values.
+        self.__dict__.update({"start_labels": [], "constants": {}, "steps": None, "planned": {}, **state})
+
 
 def optuna_storage(config: StudyConfig, study_dir: str) -> str | None:
     """The study's Optuna storage URL, `{study}` replaced by the (local) study directory, or None

@@ -51,3 +51,20 @@ def test_a_trial_asha_stopped_early_is_stopped_early_in_the_report_and_pruned_in
     assert states == {0.03: (optuna.trial.TrialState.COMPLETE, pytest.approx(float(learns[METRIC]))),
                       1.0e-9: (optuna.trial.TrialState.PRUNED, pytest.approx(float(still[METRIC]))),
                       1.0e6: (optuna.trial.TrialState.FAIL, None)}
+
+
+def test_a_searcher_pickled_before_its_newer_attributes_existed_resumes_with_them_unknown():
+    import pickle
+
+    from study.searcher import FixedPointsFirst, NothingToSearch
+
+    searcher = FixedPointsFirst(NothingToSearch(metric="m", mode="max"), [{"lr": 0.1}], "m", "max",
+                                steps=100, constants={"stage": "search"})
+    old = pickle.loads(pickle.dumps(searcher))
+    for name in ("start_labels", "constants", "steps", "planned"):  # what an earlier version lacked
+        del old.__dict__[name]
+    resumed = pickle.loads(pickle.dumps(old))
+    assert resumed.get_state() == {"pending": [{"lr": 0.1}], "fixed_trials": set(), "start_labels": [],
+                                   "steps": None, "planned": {}, "constants": {}}
+    assert resumed.suggest("t1") == {"label": "fixed", "lr": 0.1}
+    assert resumed.suggest("t2") == FixedPointsFirst.FINISHED
