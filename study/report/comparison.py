@@ -70,8 +70,10 @@ def _words(metric: str) -> str:
 
 
 def build_comparison(trials: list[TrialRecord], methods: list[str], metric: str, mode: str,
-                     seeds: list) -> Comparison | None:
-    """The comparison, once some confirmation trial has results; None before."""
+                     seeds: list, winners: dict | None = None) -> Comparison | None:
+    """The comparison, once some confirmation trial has results; None before. `winners`: {method:
+    trial id} of the stage-1 winners the study confirmed (compare.json; among trials tied on the
+    metric, the one it chose); a method without one gets its best searched trial."""
     sign = 1 if mode == "max" else -1
     tracked = sorted({*REPORTED, metric, on_split(metric, "test")})
     results = []
@@ -79,7 +81,8 @@ def build_comparison(trials: list[TrialRecord], methods: list[str], metric: str,
         own = [t for t in trials if t.group == name and t.status != "ERROR"]
         searched = [t for t in own if t.stage == STAGE_SEARCH]
         scored = [t for t in searched if t.value(metric) is not None]
-        winner = max(scored, key=lambda t: sign * t.value(metric)) if scored else None
+        chosen = [t for t in scored if t.trial_id == (winners or {}).get(name)]
+        winner = chosen[0] if chosen else max(scored, key=lambda t: sign * t.value(metric)) if scored else None
         confirmed = {kind: sorted((t for t in own if t.stage == STAGE_CONFIRM and t.config_tag == kind),
                                   key=lambda t: str(t.seed)) for kind in (DEFAULTS, TUNED)}
         intervals = {kind: {m: mean_interval([v for t in confirmed[kind] if (v := t.value(m)) is not None])

@@ -1,6 +1,7 @@
 """The ranking model: every trial ordered by the study's one metric, the trial the test split
 would have picked, the baseline, and configurations summarised over seeds."""
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from study.errors import StudyError
 from study.report.cells import cell
 from study.report.comparison import Comparison, build_comparison
 from study.report.trials import FLAGS, STATUSES, UNFINISHED, TrialRecord, load_trials
-from study.tune_files import compare_experiments
+from study.tune_files import WINNERS_FILE, compare_experiments
 from trainables.errors import TrainConfigError
 from trainables.metrics import EVAL_SPLITS, MEASURES, WINDOWS, default_metric, metric_name, on_split, split_of
 
@@ -174,9 +175,20 @@ def build_report(study_dir) -> Report:
     comparison = None
     if experiments:
         compare = study["config"]["compare"]
-        comparison = build_comparison(trials, compare["methods"], metric, mode, compare.get("confirm_seeds", []))
+        comparison = build_comparison(trials, compare["methods"], metric, mode, compare.get("confirm_seeds", []),
+                                      _confirmed_winners(study_dir))
     return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, ranked,
                   _param_columns(trials, study.get("swept", [])), groups, baseline, comparison)
+
+
+def _confirmed_winners(study_dir: Path) -> dict:
+    """{method: trial id} of the stage-1 winners a compare study confirmed (its compare.json),
+    {} before stage 1 has finished."""
+    try:
+        winners = json.loads((Path(study_dir) / WINNERS_FILE).read_text())["winners"]
+        return {method: winner["trial_id"] for method, winner in winners.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _study_config(study: dict) -> StudyConfig | None:

@@ -110,6 +110,19 @@ def test_the_leader_is_chosen_on_validation_and_paired_with_each_method_by_seed(
     assert math.isclose(comparison.by_name("flexmatch").selection_stability, 1.0)
 
 
+def test_among_stage_one_trials_tied_on_validation_the_winner_is_the_one_the_study_confirmed():
+    trials = [
+        _trial("a1", "cadr", "search", 0.90, 0.5, label="defaults"),
+        _trial("a2", "cadr", "search", 0.95, 0.6),
+        _trial("a3", "cadr", "search", 0.95, 0.7),  # tied with a2; compare.json named this one
+        *[_trial(f"c{s}", "cadr", "confirm", 0.9, 0.8, config="tuned", seed=s) for s in (100, 101)],
+    ]
+    confirmed = build_comparison(trials, ["cadr"], METRIC, "max", [100, 101], {"cadr": "a3"})
+    assert confirmed.leader.winner.trial_id == "a3"
+    unrecorded = build_comparison(trials, ["cadr"], METRIC, "max", [100, 101], {})  # before compare.json
+    assert unrecorded.leader.winner.trial_id in ("a2", "a3")
+
+
 # --- a tiny compare study, killed between its stages ------------------------------------------------
 
 
