@@ -266,6 +266,16 @@ def terminated_trials(study: Path) -> list[Path]:
     return [study / t["relative_logdir"] for t in trials if t.get("status") == "TERMINATED"]
 
 
+def checkpointed(study: Path) -> bool:
+    """Whether Tune's saved experiment state names a checkpoint of a trial (what a resume continues from)."""
+    states = sorted(study.glob("experiment_state-*.json"))
+    try:
+        entries = json.loads(states[-1].read_text())["trial_data"] if states else []
+        return any(json.loads(entry[1]).get("last_result", {}).get("checkpoint_dir_name") for entry in entries)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return False  # being rewritten; ask again
+
+
 def wait_for(condition, process: subprocess.Popen, timeout: float, interval=1.0):
     """Poll `condition()` until it returns something truthy, the process exits or time runs out."""
     deadline = time.monotonic() + timeout
@@ -556,9 +566,9 @@ def interrupted_study(work: Work) -> Row:
             "--data-root", work.data()]
     progress = re.compile(rf"\] step (\d+)/{steps} ")
 
-    def stopped(argv, log: Path, signum: int, group: bool) -> Outcome:
+    def stopped(argv, log: Path, signum: int, group: bool, ready) -> Outcome:
         launcher = work.start(*argv, log=log, session=True)
-        if not wait_for(lambda: progress.search(log.read_text()), launcher, timeout=300, interval=0.2):
+        if not wait_for(lambda: ready(log), launcher, timeout=300, interval=0.2):
             return Outcome(wait(launcher, 60), log.read_text())
         if group:  # the launcher's own session: what a terminal's Ctrl+C reaches
             os.killpg(launcher.pid, signum)
@@ -566,13 +576,16 @@ def interrupted_study(work: Work) -> Row:
             os.kill(launcher.pid, signum)
         return Outcome(wait(launcher, 300), log.read_text())
 
-    first = stopped(argv, work.root / "interrupted.log", signal.SIGINT, group=True)
+    # Once a checkpoint is in Tune's saved state, the resumed trial goes on from it (past step 10).
+    first = stopped(argv, work.root / "interrupted.log", signal.SIGINT, group=True,
+                    ready=lambda log: checkpointed(study))
     sigint = interrupted(first, 130, "SIGINT")
     report = (study / "report.md").read_text().splitlines() if (study / "report.md").exists() else []
     marked = len(report) > 2 and report[2].startswith("**Unfinished**: ")
     command = first.errors[0].split("continue it with: ", 1)[-1] if first.errors else ""
     again = shlex.split(command)[2:] if command.startswith("python -m study.launch ") else argv
-    second = stopped(again, work.root / "interrupted-again.log", signal.SIGTERM, group=False)
+    second = stopped(again, work.root / "interrupted-again.log", signal.SIGTERM, group=False,
+                     ready=lambda log: progress.search(log.read_text()))
     sigterm = interrupted(second, 143, "SIGTERM")
     resumed_at = [int(step) for step in progress.findall(second.output)][:1]
     done = work.run(*again)
