@@ -49,6 +49,9 @@ class Comparison:
     seeds: list
     methods: list[MethodResult]  # the leader first: best mean of the metric over seeds, tuned
     differences: dict[str, dict[str, PairedDifference]]  # other method -> reported metric -> leader - other
+    # (row method, column method) -> row - column on the test split's counterpart of the metric,
+    # tuned, paired by seed: every pair, so any method's lead over any other can be read off
+    pairwise: dict[tuple[str, str], PairedDifference] | None = None
     leader_stability: float | None = None
 
     @property
@@ -97,15 +100,20 @@ def build_comparison(trials: list[TrialRecord], methods: list[str], metric: str,
     leader = results[0]
     differences = {}
     for other in results[1:]:
-        differences[other.name] = {}
-        for reported in tracked:
-            mine, theirs = leader.values(TUNED, reported), other.values(TUNED, reported)
-            paired = [seed for seed in mine if seed in theirs]
-            differences[other.name][reported] = paired_difference([mine[s] for s in paired],
-                                                                  [theirs[s] for s in paired])
-    comparison = Comparison(metric, mode, list(seeds), results, differences)
+        differences[other.name] = {reported: _paired(leader, other, reported) for reported in tracked}
+    test = on_split(metric, "test")
+    pairwise = {(row.name, column.name): _paired(row, column, test)
+                for row in results for column in results if row is not column}
+    comparison = Comparison(metric, mode, list(seeds), results, differences, pairwise)
     _bootstrap(comparison)
     return comparison
+
+
+def _paired(a: MethodResult, b: MethodResult, metric: str) -> PairedDifference:
+    """a - b on `metric`, tuned, over the seeds both ran."""
+    mine, theirs = a.values(TUNED, metric), b.values(TUNED, metric)
+    paired = [seed for seed in mine if seed in theirs]
+    return paired_difference([mine[s] for s in paired], [theirs[s] for s in paired])
 
 
 # --- how stable the selections are ----------------------------------------------------------------

@@ -213,6 +213,16 @@ def format_comparison(report: Report) -> list[str]:
                                  *(_interval(differences[m].interval, signed=True) for m, _ in measures),
                                  cell(differences[test].p_value), comparison.sentence(other)]))
         lines.append("")
+    if comparison.pairwise and len(comparison.methods) > 2:
+        test = on_split(comparison.metric, "test")
+        labels = [m.label for m in comparison.methods]
+        lines += [f"Every pair, tuned: row minus column in {_short(test)}, mean over the paired seeds [95% CI]; "
+                  "a pair whose interval excludes 0 is marked *.", "",
+                  md_row(["", *labels]), md_row(["---"] * (len(labels) + 1))]
+        for row in comparison.methods:
+            lines.append(md_row([row.label, *(_pair(comparison.pairwise[(row.name, column.name)])
+                                             if column is not row else "–" for column in comparison.methods)]))
+        lines.append("")
     if comparison.leader_stability is not None:
         lines.append(f"Resampling the validation rows ({RESAMPLES} bootstrap resamples of the stored per-row "
                      f"predictions), {leader.label} stays the leader in {_share(comparison.leader_stability)} of "
@@ -229,6 +239,15 @@ def _interval(interval, signed: bool = False) -> str:
     if interval.n > 1:
         text += f" ± {100 * interval.std:.1f} [{100 * interval.low:{sign}.1f}, {100 * interval.high:{sign}.1f}]"
     return text
+
+
+def _pair(difference) -> str:
+    interval = difference.interval
+    if interval.n < 2:
+        return _interval(interval, signed=True)
+    apart = interval.low > 0 or interval.high < 0
+    return (f"{100 * interval.mean:+.1f} [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]"
+            + ("*" if apart else ""))
 
 
 def _share(value) -> str:

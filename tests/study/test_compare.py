@@ -110,6 +110,23 @@ def test_the_leader_is_chosen_on_validation_and_paired_with_each_method_by_seed(
     assert math.isclose(comparison.by_name("flexmatch").selection_stability, 1.0)
 
 
+def test_every_pair_of_methods_gets_its_paired_difference_on_the_test_metric_with_its_interval():
+    from scipy import stats
+
+    gm = {"cadr": (0.80, 0.84, 0.83), "flexmatch": (0.90, 0.86, 0.85), "fixmatch": (0.70, 0.75, 0.71)}
+    trials = [_trial(f"{m}{s}", m, "confirm", 0.5 + i / 10, g, config="tuned", seed=s)
+              for i, (m, values) in enumerate(gm.items()) for s, g in zip((100, 101, 102), values)]
+    comparison = build_comparison(trials, list(gm), METRIC, "max", [100, 101, 102])
+    assert set(comparison.pairwise) == {(a, b) for a in gm for b in gm if a != b}
+    for (a, b), paired in comparison.pairwise.items():
+        d = [x - y for x, y in zip(gm[a], gm[b])]
+        mean, sem = sum(d) / 3, math.sqrt(sum((v - sum(d) / 3) ** 2 for v in d) / 2 / 3)
+        half = stats.t.ppf(0.975, 2) * sem
+        assert paired.interval.mean == pytest.approx(mean, abs=1e-12)
+        assert (paired.interval.low, paired.interval.high) == pytest.approx((mean - half, mean + half), abs=1e-12)
+        assert paired.p_value == pytest.approx(stats.ttest_rel(gm[a], gm[b]).pvalue, abs=1e-12)
+
+
 def test_among_stage_one_trials_tied_on_validation_the_winner_is_the_one_the_study_confirmed():
     trials = [
         _trial("a1", "cadr", "search", 0.90, 0.5, label="defaults"),
