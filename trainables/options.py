@@ -43,7 +43,9 @@ class Option:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple | dict | None = None  # a dict: a registry, whose keys are allowed as it is now
+    # A dict: a registry, whose keys are allowed as it is when a value is checked (not hashed: a
+    # registry is mutable).
+    choices: tuple | dict | None = dataclasses.field(default=None, hash=False)
     kind: type | None = None  # the type, where the default (None) does not say it
     # Where a study searches this option (study/method_spaces.py turns it into a space): plain data
     # as a study file writes a range, {"uniform": [lo, hi]}, {"loguniform": [lo, hi]} or

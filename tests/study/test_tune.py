@@ -110,3 +110,15 @@ def test_a_resume_refuses_tune_state_that_a_storage_failure_left_empty_or_cut_sh
     assert damaged_state(str(tmp_path)) == str(tmp_path / "experiment_state-2026-01-02_00-00-00.json")
     (tmp_path / "tuner.pkl").write_bytes(b"")
     assert damaged_state(f"file://{tmp_path}") == f"file://{tmp_path}/tuner.pkl"
+
+
+def test_an_experiment_continues_only_where_tune_recorded_a_state(tmp_path):
+    # A driver stopped before Tune's first save leaves only tuner.pkl: nothing of it ran, and
+    # study_tuner builds it anew instead of letting Tune restart it with another plan.
+    from study.tune_files import recorded_a_state
+
+    assert not recorded_a_state(str(tmp_path / "never-started"))
+    (tmp_path / "tuner.pkl").write_bytes(b"pickled")
+    assert not recorded_a_state(str(tmp_path))
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    assert recorded_a_state(str(tmp_path)) and recorded_a_state(f"file://{tmp_path}")
