@@ -15,6 +15,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from stacks import python_stacks
 
 STUDY = {
     "dataset": "digits",
@@ -93,9 +94,17 @@ def test_a_study_on_s3_survives_a_killed_driver_and_reports_there(tmp_path, s3):
     assert finished, (tmp_path / "first-launch.log").read_text()[-3000:]
     finished_results = _read(fs, f"{study}/{finished[0]}/result.json")
 
-    process = _launch(tmp_path, storage, "--resume")
-    out, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, out[-3000:]
+    with open(tmp_path / "resume.log", "w") as log:
+        process = _launch(tmp_path, storage, "--resume", log=log)
+        try:
+            process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            (tmp_path / "resume-stacks.txt").write_text(python_stacks(process.pid))  # where it stood
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    out = (tmp_path / "resume.log").read_text()
+    stacks = tmp_path / "resume-stacks.txt"
+    assert process.returncode == 0, (stacks.read_text() if stacks.exists() else "") + out[-6000:]
     assert _read(fs, f"{study}/{finished[0]}/result.json") == finished_results  # kept, not run again
     rows = list(csv.DictReader(io.StringIO(_read(fs, f"{study}/report.csv"))))
     assert sorted(row["seed"] for row in rows) == ["0", "1", "2"]
