@@ -86,7 +86,7 @@ class Option:
             return f"{'<' if self.high_open else '<='} {self.high:g}"
         if self.kind in (int, float):
             return f"a finite {self.kind.__name__}"
-        return f"a {self.kind.__name__}"
+        return "a value" if self.kind is object else f"a {self.kind.__name__}"
 
     def accepts(self, value) -> bool:
         if value is None:
@@ -123,9 +123,13 @@ class Option:
         return value
 
     def describe(self) -> str:
-        """The help line with the default and what is allowed, for --help and listings."""
+        """The help line with the default and what is allowed, for --help and listings (the
+        default only where the help does not already say what an unset value means)."""
         default = "not set" if self.default is None else self.default
-        return f"{self.help} (default: {default}; {self.allowed})"
+        parts = [] if "(default:" in self.help else [f"default: {default}"]
+        if self.allowed not in ("a str", "a value"):  # free-form: the help says what it may be
+            parts.append(self.allowed)
+        return f"{self.help} ({'; '.join(parts)})" if parts else self.help
 
 
 def option(default, help: str, **declared) -> dataclasses.Field:

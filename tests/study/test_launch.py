@@ -554,3 +554,17 @@ def test_set_overrides_any_key_after_the_file_and_the_options(tmp_path, capsys, 
 def test_a_bad_set_fails_before_ray_in_one_line(tmp_path, capsys, assignment, message):
     _fails_before_ray(capsys, ["--config", _config(tmp_path), "--storage", str(tmp_path), "--set", assignment],
                       message)
+
+
+@pytest.mark.parametrize("command", ["study.launch", "trainables.run"])
+def test_each_flag_says_its_default_once_and_no_bare_type_name(command):
+    import importlib
+
+    parser = importlib.import_module(command).build_parser()
+    for action in parser._actions:
+        text = action.help or ""
+        assert text.count("(default:") <= 1, (action.option_strings, text)
+        assert not any(bare in text for bare in ("a object", "(a str)", "; a str)")), (action.option_strings, text)
+    if command == "study.launch":
+        space = next(action for action in parser._actions if "--space" in action.option_strings)
+        assert space.help.endswith("(default: thresholds; in a compare study each method's own space)")
