@@ -29,11 +29,16 @@ def as_recorded(values: dict) -> dict:
 
 def differences(recorded: dict, now: dict, ignore=()) -> list[str]:
     """`key: <recorded> there, <now> now` for every dotted key whose value differs (sections
-    compared key by key; a key only one side has differs too), keys in `ignore` left out."""
+    compared key by key; a key only one side has differs too, unless that side leaves it unset:
+    a setting added to the project after a study started, left unset, changes nothing), keys in
+    `ignore` left out."""
     old, new = _dotted(as_recorded(recorded)), _dotted(as_recorded(now))
     lines = []
     for key in sorted(old.keys() | new.keys()):
-        if key.split(".")[0] not in ignore and old.get(key, MISSING) != new.get(key, MISSING):
+        before, after = old.get(key, MISSING), new.get(key, MISSING)
+        if {before, after} == {MISSING, None} or key.split(".")[0] in ignore:
+            continue
+        if before != after:
             lines.append(f"{key}: {_shown(old, key)} there, {_shown(new, key)} now")
     return lines
 

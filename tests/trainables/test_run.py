@@ -72,3 +72,17 @@ def test_storage_under_a_file_is_one_error_line_before_ray_starts(capsys, tmp_pa
     err = capsys.readouterr().err
     assert (code, err) == (2, f"error: storage {blocker / 'sub'} is not writable (Not a directory); "
                               "pass another --storage\n")
+
+
+def test_a_setting_added_since_a_config_was_recorded_is_a_change_only_when_it_is_set():
+    from trainables.same_config import differences
+
+    recorded = {"split": {"kind": "lt", "gamma_u": None}, "train": {"lr": 0.03}}
+    assert differences(recorded, {"split": {"kind": "lt", "gamma_u": None, "unlabeled": None},
+                                  "train": {"lr": 0.03}}) == []
+    assert differences(recorded, {"split": {"kind": "lt", "unlabeled": "uniform"}, "train": {"lr": 0.03}}) == [
+        "split.unlabeled: not set there, \"uniform\" now"]
+    assert differences(recorded, {"split": {"kind": "lt", "gamma_u": 10}, "train": {"lr": 0.1}}) == [
+        "split.gamma_u: null there, 10 now", "train.lr: 0.03 there, 0.1 now"]
+    assert differences({**recorded, "train": {"lr": 0.03, "momentum": 0.9}}, recorded) == [
+        "train.momentum: 0.9 there, not set now"]
