@@ -217,10 +217,14 @@ def _results(trial_dir: Path) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.parametrize("trainer, uri", [("in_trial", True), ("torch_trainer", False)])
-def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, trainer, uri):
+def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, trainer, uri, request):
     # Storage given as a file:// URI goes through the same pyarrow filesystem code as s3:// or gs://.
     storage = f"file://{tmp_path / 'studies'}" if uri else str(tmp_path / "studies")
-    process = _launch(tmp_path, "tiny", "--storage", storage, config=_config(tmp_path, resources={"trainer": trainer}))
+    # The in-trial study starts its own local Ray, as the default study does; the TorchTrainer
+    # study joins a running one, as on a cluster.
+    address = [] if trainer == "in_trial" else ["--address", request.getfixturevalue("ray_address")]
+    process = _launch(tmp_path, "tiny", "--storage", storage, *address,
+                      config=_config(tmp_path, resources={"trainer": trainer}))
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
     study = tmp_path / "studies" / "tiny"
@@ -281,12 +285,12 @@ def test_a_tiny_study_runs_end_to_end_and_reports_what_tune_recorded(tmp_path, t
 
 
 @pytest.mark.ray
-def test_a_study_that_mixes_methods_reports_each_under_its_name(tmp_path):
+def test_a_study_that_mixes_methods_reports_each_under_its_name(tmp_path, ray_address):
     # The base trains CADR; a trial of another method starts from that method's own defaults.
     space = {"method": {"grid": ["fixmatch", "flexmatch", "freematch", "softmatch", "debiaspl"]}}
     config = _config(tmp_path, space=space, search={"algorithm": "grid", "num_samples": 1, "max_concurrent": 2},
                      train={**TINY["train"], "steps": 10, "eval_every": 10})
-    process = _launch(tmp_path, "methods", config=config)
+    process = _launch(tmp_path, "methods", "--address", ray_address, config=config)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
     study = tmp_path / "studies" / "methods"
@@ -308,9 +312,9 @@ def test_a_study_that_mixes_methods_reports_each_under_its_name(tmp_path):
 
 
 @pytest.mark.ray
-def test_trials_that_diverge_are_not_retried_and_the_launch_ends_with_one_line(tmp_path):
+def test_trials_that_diverge_are_not_retried_and_the_launch_ends_with_one_line(tmp_path, ray_address):
     config = _config(tmp_path, train={**TINY["train"], "lr": 1e6})
-    process = _launch(tmp_path, "diverging", config=config)
+    process = _launch(tmp_path, "diverging", "--address", ray_address, config=config)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -326,9 +330,9 @@ def test_trials_that_diverge_are_not_retried_and_the_launch_ends_with_one_line(t
 
 
 @pytest.mark.ray
-def test_two_launches_of_one_study_started_together_run_it_once(tmp_path):
+def test_two_launches_of_one_study_started_together_run_it_once(tmp_path, ray_address):
     config = _config(tmp_path, search={**TINY["search"], "fixed_points": []})
-    first, second = (_launch(tmp_path, "twice", config=config) for _ in range(2))
+    first, second = (_launch(tmp_path, "twice", "--address", ray_address, config=config) for _ in range(2))
     outs = [process.communicate(timeout=600)[0] for process in (first, second)]
     codes = sorted(process.returncode for process in (first, second))
     assert codes == [0, 2], outs
@@ -357,9 +361,9 @@ def tune_recorded_metrics(study: Path) -> dict:
 
 
 @pytest.mark.ray
-def test_a_study_without_a_validation_set_warns_once_and_its_report_says_it_selected_on_test(tmp_path):
+def test_a_study_without_a_validation_set_warns_once_and_its_report_says_it_selected_on_test(tmp_path, ray_address):
     config = _config(tmp_path, split={**TINY["split"], "valid_size": 0})
-    process = _launch(tmp_path, "on-test", config=config)
+    process = _launch(tmp_path, "on-test", "--address", ray_address, config=config)
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-3000:]
     warnings = [line for line in out.splitlines() if "selects its winner on the test split" in line]
