@@ -117,9 +117,9 @@ def build_parser():
     p.add_argument("--gamma-u", type=float, help="lt: unlabeled imbalance ratio (< 1 inverts the tail); with "
                    "--unlabeled the shape's ratio, >= 1 (default: gamma-l)")
     p.add_argument("--unlabeled", choices=list(UNLABELED_SHAPES),
-                   help=f"lt: the unlabeled pool's class distribution, cut from the rows left after the labeled "
-                        f"and validation ones, the largest class n-max-u rows ({describe_shapes()}); default: the "
-                        "whole training set, or a gamma-u subset of it")
+                   help=f"lt: the unlabeled pool's class distribution, drawn from the rows left after the labeled "
+                        f"and validation ones: {describe_shapes()} (default: the whole training set, or a gamma-u "
+                        "subset of it; docs/method.md, \"Unlabeled shapes\")")
     p.add_argument("--n-max-u", type=int, help="with --unlabeled: unlabeled rows of its largest class")
     p.add_argument("--allow-repeat", action="store_true", help="let classes repeat rows when short")
     p.add_argument("--valid-size", type=int, default=0,

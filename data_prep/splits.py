@@ -96,8 +96,9 @@ UNLABELED_SHAPES = {
 
 
 def describe_shapes() -> str:
-    """Every unlabeled shape with what it means, for help texts."""
-    return "; ".join(f"{name}: {shape.help}" for name, shape in UNLABELED_SHAPES.items())
+    """The shapes' counts and every shape with what it means, for help texts."""
+    shapes = "; ".join(f"{name}: {shape.help}" for name, shape in UNLABELED_SHAPES.items())
+    return f"the tail floor(n_max_u * gamma_u ** (-r / (C - 1))), r = 0..C-1, dealt to the classes as {shapes}"
 
 
 @dataclass(frozen=True)

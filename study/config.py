@@ -61,8 +61,8 @@ class SplitConfig(Declared):
                                    low=1)
     gamma_u: float | None = option(None, "unlabeled imbalance ratio (lt; < 1 inverts the tail; with unlabeled: the "
                                    "shape's ratio, >= 1, default gamma_l)", kind=float, low=0, low_open=True)
-    unlabeled: str | None = option(None, "the unlabeled pool's class distribution (lt), cut from the rows left after "
-                                   f"the labeled and validation ones: {describe_shapes()} (default: the whole "
+    unlabeled: str | None = option(None, "the unlabeled pool's class distribution (lt), drawn from the rows left "
+                                   f"after the labeled and validation ones: {describe_shapes()} (default: the whole "
                                    "training set, or a gamma_u subset of it)", kind=str,
                                    choices=tuple(UNLABELED_SHAPES))
     n_max_u: int | None = option(None, "with unlabeled: unlabeled rows of its largest class", kind=int, low=1)
