@@ -9,9 +9,11 @@ from data_prep.parquet import converted_datasets, default_data_root, open_datase
 from data_prep.readers import DATASETS
 from data_prep.splits import (
     KINDS,
+    UNLABELED_SHAPES,
     VALID_KINDS,
     SplitSpec,
     describe_counts,
+    describe_shapes,
     imbalance,
     load_split,
     make_split,
@@ -51,14 +53,16 @@ def _cmd_split(args):
     info = open_dataset(args.dataset, args.data_root)
     spec = SplitSpec(args.kind, args.seed, n_max=args.n_max, size=args.size, gamma_l=args.gamma_l,
                      gamma_u=args.gamma_u, allow_repeat=args.allow_repeat, valid_size=args.valid_size,
-                     valid_kind=args.valid_kind)
+                     valid_kind=args.valid_kind, unlabeled=args.unlabeled, n_max_u=args.n_max_u)
     split = make_split(info, spec, name=args.name)
     path = save_split(info, split)
     print(f"wrote {path}")
     print(f"labeled   {len(split.labeled_indices):>7} per class [{describe_counts(split.labeled_counts)}] "
           f"imbalance {imbalance(split.labeled_counts):.1f}")
+    shape = split.spec.unlabeled
     print(f"unlabeled {len(split.unlabeled_indices):>7} per class [{describe_counts(split.unlabeled_counts)}]"
-          + (f" + {split.unlabeled_without_label} without labels" if split.unlabeled_without_label else ""))
+          + (f" + {split.unlabeled_without_label} without labels" if split.unlabeled_without_label else "")
+          + (f" ({shape}, disjoint from the labeled rows)" if shape else ""))
     if split.has_validation:
         print(f"validation {len(split.valid_indices):>6} per class [{describe_counts(split.valid_counts)}] "
               f"({split.spec.valid_kind}; never used for training)")
@@ -110,7 +114,13 @@ def build_parser():
     p.add_argument("--n-max", type=int, help="lt/rand: labeled rows of the largest class")
     p.add_argument("--size", type=int, help="mcar: total labeled rows")
     p.add_argument("--gamma-l", type=float, help="lt: labeled imbalance ratio (>= 1)")
-    p.add_argument("--gamma-u", type=float, help="lt: unlabeled imbalance ratio (< 1 inverts the tail)")
+    p.add_argument("--gamma-u", type=float, help="lt: unlabeled imbalance ratio (< 1 inverts the tail); with "
+                   "--unlabeled the shape's ratio, >= 1 (default: gamma-l)")
+    p.add_argument("--unlabeled", choices=list(UNLABELED_SHAPES),
+                   help=f"lt: the unlabeled pool's class distribution, drawn from the rows left after the labeled "
+                        f"and validation ones: {describe_shapes()} (default: the whole training set, or a gamma-u "
+                        "subset of it; docs/method.md, \"Unlabeled shapes\")")
+    p.add_argument("--n-max-u", type=int, help="with --unlabeled: unlabeled rows of its largest class")
     p.add_argument("--allow-repeat", action="store_true", help="let classes repeat rows when short")
     p.add_argument("--valid-size", type=int, default=0,
                    help="training rows set aside for validation, never trained on (default 0: none; "

@@ -4,7 +4,7 @@ Kinds:
   mcar  N labeled rows following the training set's own class distribution.
   lt    class c gets ceil(n_max * gamma_l ** (-c / (C - 1))) labeled rows (long-tailed labels).
         The unlabeled pool is the whole training set, or with gamma_u a long-tailed subset of it
-        (gamma_u < 1 inverts the tail).
+        (gamma_u < 1 inverts the tail), or with an unlabeled shape (below) a pool of its own.
   rand  per-class labeling rates drawn from the seed, normalised to a maximum of 1;
         class c gets ceil(n_max * rate_c) labeled rows.
 
@@ -16,9 +16,17 @@ disjoint from the labeled rows and removed from the unlabeled pool, drawn either
 (valid_size / C per class) or `labeled` (in the labeled set's own class proportions). Fewer rows
 than classes means no validation set, as the original's `-1` did.
 
+Unlabeled shapes (docs/method.md, "Unlabeled shapes"), the unlabeled class distributions of
+realistic long-tailed SSL as LeapLabTHU/SimPro's code defines them: the counts of a long tail
+floor(n_max_u * gamma_u ** (-r / (C - 1))), r = 0..C-1, dealt to the classes in the shape's order
+(consistent, uniform, reversed, middle, head-tail). The pool is drawn from each class's rows after
+its labeled and validation ones, so it is disjoint from both, as in the reference.
+
 Names in the original style are accepted: `cifar10_LT_50.1@50-5000` is cifar10, kind lt,
 gamma_l 50, seed 1, n_max 50, 5,000 balanced validation rows; `...@50-500labeled` draws the
 validation rows in the labeled proportions; `...@50-1` (or no suffix) has no validation set.
+A shaped pool adds its shape, ratio and n_max_u after gamma_l: `cifar10_LT_150_reversed_u150_m4000.1@500`
+(`..._uniform_m4000...` for the shape without a ratio).
 """
 
 import codecs
@@ -26,6 +34,7 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +50,57 @@ KINDS = ("mcar", "lt", "rand")
 VALID_KINDS = ("balanced", "labeled")
 
 
+# --- unlabeled shapes ----------------------------------------------------------------------------
+
+
+def _consistent_ranks(num_classes) -> list[int]:
+    return list(range(num_classes))
+
+
+def _reversed_ranks(num_classes) -> list[int]:
+    return list(range(num_classes))[::-1]
+
+
+def _middle_ranks(num_classes) -> list[int]:
+    """Rank 0 (the largest count) in class m = ceil(C / 2) - 1; then the ranks alternate outwards,
+    odd ones to the right (m + 1 gets 1, m + 2 gets 3, ...), even ones to the left (m - 1 gets 2, ...)."""
+    m = (num_classes + 1) // 2 - 1
+    return [2 * (m - c) if c <= m else 2 * (c - m) - 1 for c in range(num_classes)]
+
+
+def _head_tail_ranks(num_classes) -> list[int]:
+    """The odd ranks ascending in the first floor(C / 2) classes, the even ones descending in the
+    rest: rank 0 in the last class, rank 1 in the first, the smallest counts in the middle."""
+    k = num_classes // 2
+    return [2 * c + 1 if c < k else 2 * (num_classes - 1 - c) for c in range(num_classes)]
+
+
+@dataclass(frozen=True)
+class UnlabeledShape:
+    """An unlabeled class distribution: class c gets the ranks(C)[c]-th largest count of the long
+    tail (rank 0 the largest). A shape without a ratio is the tail with gamma_u 1."""
+
+    help: str
+    ranks: Callable[[int], list[int]]
+    has_ratio: bool = True
+
+
+# The reference's flag_reverse_LT 0 (consistent; uniform is 0 with ratio 1), 1, 3 and 4.
+UNLABELED_SHAPES = {
+    "consistent": UnlabeledShape("the labeled tail: class c gets the c-th largest count", _consistent_ranks),
+    "uniform": UnlabeledShape("n_max_u rows in every class (no ratio)", _consistent_ranks, has_ratio=False),
+    "reversed": UnlabeledShape("the tail inverted: the last class is the largest", _reversed_ranks),
+    "middle": UnlabeledShape("largest in the middle class, falling off towards both ends", _middle_ranks),
+    "head-tail": UnlabeledShape("largest at both ends, smallest in the middle", _head_tail_ranks),
+}
+
+
+def describe_shapes() -> str:
+    """The shapes' counts and every shape with what it means, for help texts."""
+    shapes = "; ".join(f"{name}: {shape.help}" for name, shape in UNLABELED_SHAPES.items())
+    return f"the tail floor(n_max_u * gamma_u ** (-r / (C - 1))), r = 0..C-1, dealt to the classes as {shapes}"
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     kind: str
@@ -52,9 +112,11 @@ class SplitSpec:
     allow_repeat: bool = False  # let a class repeat rows when asked for more than it has
     valid_size: int = 0  # validation rows set aside; fewer than the classes means none
     valid_kind: str = "balanced"  # balanced: valid_size / C per class; labeled: the labeled proportions
+    unlabeled: str | None = None  # lt: the unlabeled pool's shape (UNLABELED_SHAPES); None: as gamma_u says
+    n_max_u: int | None = None  # with a shape: unlabeled rows of its largest class
 
     def __post_init__(self):
-        for name in ("n_max", "size", "seed", "valid_size"):
+        for name in ("n_max", "size", "seed", "valid_size", "n_max_u"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise DataPrepError(f"{name} must be an integer, got {value!r}")
@@ -76,6 +138,30 @@ class SplitSpec:
             raise DataPrepError(f"valid_size must be >= 0, got {self.valid_size}")
         if self.valid_kind not in VALID_KINDS:
             raise DataPrepError(f"unknown validation kind '{self.valid_kind}' (known: {', '.join(VALID_KINDS)})")
+        self._check_shape()
+
+    def _check_shape(self):
+        """A shape's rules; a shape with a ratio and no gamma_u takes gamma_l (the same tail)."""
+        if self.unlabeled is None:
+            if self.n_max_u is not None:
+                raise DataPrepError("n_max_u is only for an unlabeled shape (set unlabeled)")
+            return
+        if self.unlabeled not in UNLABELED_SHAPES:
+            raise DataPrepError(f"unknown unlabeled shape '{self.unlabeled}' (known: {', '.join(UNLABELED_SHAPES)})")
+        if self.kind != "lt":
+            raise DataPrepError("an unlabeled shape is only for lt splits")
+        if self.n_max_u is None or self.n_max_u < 1:
+            raise DataPrepError(f"unlabeled {self.unlabeled} needs n_max_u >= 1 (unlabeled rows of its largest class)")
+        if not UNLABELED_SHAPES[self.unlabeled].has_ratio:
+            if self.gamma_u is not None:
+                raise DataPrepError(f"unlabeled {self.unlabeled} has no ratio (n_max_u rows in every class): "
+                                    f"leave gamma_u unset (got {self.gamma_u:g})")
+            return
+        if self.gamma_u is None:
+            object.__setattr__(self, "gamma_u", float(self.gamma_l))
+        elif not self.gamma_u >= 1:
+            raise DataPrepError(f"with unlabeled {self.unlabeled} gamma_u must be >= 1, got {self.gamma_u:g} "
+                                "(the shape sets the direction: reversed inverts the tail)")
 
     def default_name(self, dataset) -> str:
         if self.kind == "mcar":
@@ -83,8 +169,10 @@ class SplitSpec:
         elif self.kind == "rand":
             name = f"{dataset}_rand.{self.seed}@{self.n_max}"
         else:
-            unlabeled = f"_u{self.gamma_u:g}" if self.gamma_u is not None else ""
-            name = f"{dataset}_LT_{self.gamma_l:g}{unlabeled}.{self.seed}@{self.n_max}"
+            shape = f"_{self.unlabeled}" if self.unlabeled is not None else ""
+            ratio = f"_u{self.gamma_u:g}" if self.gamma_u is not None else ""
+            size = f"_m{self.n_max_u}" if self.n_max_u is not None else ""
+            name = f"{dataset}_LT_{self.gamma_l:g}{shape}{ratio}{size}.{self.seed}@{self.n_max}"
         if self.valid_size:
             name += f"-{self.valid_size}" + ("labeled" if self.valid_kind == "labeled" else "")
         return name
@@ -92,7 +180,9 @@ class SplitSpec:
 
 _ALIAS = re.compile(
     r"^(?P<dataset>[A-Za-z0-9_-]+?)"  # a reader's name, or one a user chose (e.g. my_cats)
-    r"(?:_(?P<rand>rand)|_LT_(?P<gamma_l>\d+(?:\.\d+)?)(?:_u(?P<gamma_u>\d+(?:\.\d+)?))?)?"
+    r"(?:_(?P<rand>rand)|_LT_(?P<gamma_l>\d+(?:\.\d+)?)"
+    rf"(?:_(?P<shape>{'|'.join(map(re.escape, UNLABELED_SHAPES))}))?"
+    r"(?:_u(?P<gamma_u>\d+(?:\.\d+)?))?(?:_m(?P<n_max_u>\d+))?)?"
     r"\.(?P<seed>\d+)@(?P<size>\d+)(?:-(?P<valid_size>\d+)(?P<valid_labeled>labeled)?)?$"
 )
 
@@ -111,7 +201,9 @@ def parse_split_name(name) -> tuple[str, SplitSpec] | None:
         return dataset, SplitSpec("rand", seed, n_max=size, **valid)
     if match["gamma_l"]:
         gamma_u = float(match["gamma_u"]) if match["gamma_u"] else None
-        return dataset, SplitSpec("lt", seed, n_max=size, gamma_l=float(match["gamma_l"]), gamma_u=gamma_u, **valid)
+        n_max_u = int(match["n_max_u"]) if match["n_max_u"] else None
+        return dataset, SplitSpec("lt", seed, n_max=size, gamma_l=float(match["gamma_l"]), gamma_u=gamma_u,
+                                  unlabeled=match["shape"], n_max_u=n_max_u, **valid)
     return dataset, SplitSpec("mcar", seed, size=size, **valid)
 
 
@@ -123,11 +215,25 @@ def _ceil(x):
     return np.ceil(np.round(x, 9)).astype(np.int64)
 
 
-def long_tail_counts(n_max, gamma, num_classes) -> np.ndarray:
-    """ceil(n_max * gamma ** (-c / (C - 1))) for c = 0..C-1."""
+def _tail(n_max, gamma, num_classes) -> np.ndarray:
+    """n_max * gamma ** (-c / (C - 1)) for c = 0..C-1, unrounded."""
     c = np.arange(num_classes)
     exponent = -c / (num_classes - 1) if num_classes > 1 else np.zeros(num_classes)
-    return _ceil(n_max * np.power(float(gamma), exponent))
+    return n_max * np.power(float(gamma), exponent)
+
+
+def long_tail_counts(n_max, gamma, num_classes) -> np.ndarray:
+    """ceil(n_max * gamma ** (-c / (C - 1))) for c = 0..C-1."""
+    return _ceil(_tail(n_max, gamma, num_classes))
+
+
+def shape_counts(shape, n_max_u, gamma_u, num_classes) -> np.ndarray:
+    """Unlabeled rows per class of an unlabeled shape: the tail floor(n_max_u * gamma_u ** (-r / (C - 1))),
+    r = 0..C-1 (gamma_u 1 for a shape without a ratio), class c taking rank ranks(C)[c]. Floor as
+    the reference's int(), without its float noise (100 * 1000 ** (-1/3) counts as 10)."""
+    declared = UNLABELED_SHAPES[shape]
+    tail = np.floor(np.round(_tail(n_max_u, gamma_u if declared.has_ratio else 1, num_classes), 9))
+    return tail.astype(np.int64)[declared.ranks(num_classes)]
 
 
 def random_rate_counts(n_max, num_classes, rng) -> np.ndarray:
@@ -249,7 +355,9 @@ def make_split(info: DatasetInfo, spec: SplitSpec, name=None) -> Split:
     labeled_counts = np.bincount([label_of[i] for i in labeled], minlength=num_classes)
     valid = _validation_rows(permutations, labeled, labeled_counts, spec, info)
 
-    if spec.gamma_u is None:
+    if spec.unlabeled is not None:
+        unlabeled = _shaped_pool(permutations, labels, np.concatenate([labeled, valid]), spec, info)
+    elif spec.gamma_u is None:
         unlabeled = np.sort(indices)
     else:
         unlabeled = _long_tail_pool(indices, labels, set(labeled.tolist()), spec, rng, num_classes, info)
@@ -292,22 +400,42 @@ def _validation_rows(permutations, labeled, labeled_counts, spec, info) -> np.nd
     counts = validation_counts(spec, labeled_counts, info.num_classes)
     if not counts.any():
         return np.empty(0, np.int64)
+    return _first_free_rows(permutations, labeled, counts, info, "validation rows", "the labeled ones", "valid_size")
+
+
+def _first_free_rows(permutations, taken, counts, info, what, after, lower) -> np.ndarray:
+    """counts[c] rows of each class c: the first rows of its permutation not in `taken`, sorted; a
+    class with fewer is refused, naming the setting to `lower`."""
     rows = []
     for c, (permutation, wanted) in enumerate(zip(permutations, counts)):
-        free = permutation[~np.isin(permutation, labeled)]
+        free = permutation[~np.isin(permutation, taken)]
         if wanted > len(free):
             raise DataPrepError(
-                f"class {c} needs {wanted} validation rows but {info.name} has only {len(free)} training rows "
-                f"left after the labeled ones (lower valid_size)")
+                f"class {c} needs {wanted} {what} but {info.name} has only {len(free)} training rows "
+                f"left after {after} (lower {lower})")
         rows.append(free[:wanted])
     return np.sort(np.concatenate(rows))
+
+
+def _shaped_pool(permutations, labels, taken, spec, info) -> np.ndarray:
+    """An unlabeled shape's pool (docs/method.md, "Unlabeled shapes"): shape_counts rows of each
+    class, the first of its permutation after its labeled and validation rows (`taken`), as the
+    reference takes each class's rows after its labeled ones."""
+    _needs_class_labels(labels, f"unlabeled {spec.unlabeled}", info)
+    counts = shape_counts(spec.unlabeled, spec.n_max_u, spec.gamma_u, info.num_classes)
+    return _first_free_rows(permutations, taken, counts, info, f"unlabeled rows ({spec.unlabeled})",
+                            "the labeled and validation ones", "n_max_u")
+
+
+def _needs_class_labels(labels, what, info):
+    if (labels < 0).any():
+        raise DataPrepError(f"{what} needs class labels for the whole pool; {info.name} has unlabeled-only rows")
 
 
 def _long_tail_pool(indices, labels, labeled, spec, rng, num_classes, info) -> np.ndarray:
     """A long-tailed subset of the labeled training rows with ratio gamma_u, as large as the data
     allows. Labeled rows are taken first, so the labeled set stays inside the pool."""
-    if (labels < 0).any():
-        raise DataPrepError(f"gamma_u needs class labels for the whole pool; {info.name} has unlabeled-only rows")
+    _needs_class_labels(labels, "gamma_u", info)
     c = np.arange(num_classes)
     shape = np.power(float(spec.gamma_u), -c / max(num_classes - 1, 1))
     shape = shape / shape.max()

@@ -12,6 +12,7 @@ from search_spaces.spaces import Grid, Uniform, grid_size, is_grid
 from study.config import SPLIT_PARAMETERS, StudyConfig
 from study.errors import StudyError
 from study.method_spaces import COMPLEMENT
+from study.splits import split_parameters
 from trainables.config import TrainConfig
 from trainables.errors import TrainConfigError
 from trainables.methods import option_names
@@ -65,7 +66,7 @@ def space_values(dist) -> list:
 
 def searchable() -> set[str]:
     """Every parameter a space may name: training fields, the methods' options (from the
-    registry), `method`, `variant` and the split's imbalance ratios."""
+    registry), `method`, `variant` and the split parameters (imbalance ratios, unlabeled shape)."""
     train = {f.name for f in fields(TrainConfig)} - set(NOT_SEARCHABLE)
     options = train | option_names()
     return options | {COMPLEMENT + name for name in options} | {"variant", *SPLIT_PARAMETERS}
@@ -105,8 +106,14 @@ def check_space_values(config: StudyConfig, space: dict, base: dict | None = Non
                     config.train_config({**method, name: value})
             except (TrainConfigError, DataPrepError) as exc:
                 with_method = "".join(f" with {key} {chosen}" for key, chosen in method.items())
-                raise StudyError(f"space parameter {name}={value!r} would fail in training{with_method}: "
+                where = "the split" if name in SPLIT_PARAMETERS else "training"
+                raise StudyError(f"space parameter {name}={value!r} would fail in {where}{with_method}: "
                                  f"{exc}") from None
+    for params in split_parameters(config, space):  # e.g. unlabeled uniform with a swept gamma_u
+        try:
+            config.split_spec(params)
+        except DataPrepError as exc:
+            raise StudyError(f"space values {params} would fail in the split together: {exc}") from None
     categorical = {name: dist.values for name, dist in space.items()
                    if not isinstance(dist, Uniform) and name not in SPLIT_PARAMETERS}
     combinations = list(itertools.islice(itertools.product(*categorical.values()), MAX_COMBINATIONS))

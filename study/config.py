@@ -4,7 +4,8 @@
     storage: results               # a local path or any URI Ray accepts (s3://, gs://, NFS path)
     dataset: digits
     split: {kind: lt, n_max: 50, gamma_l: 10, seed: 1, valid_size: 200, valid_kind: balanced}
-                                   # the base split (gamma_l/gamma_u may be swept) and its validation set
+                                   # the base split (gamma_l/gamma_u/unlabeled may be swept) and its
+                                   # validation set; unlabeled: reversed, n_max_u: 100 shapes its pool
     train: {model: cnn_small, steps: 300, cap: true, cai: true, cadr: true, ...}  # TrainConfig fields
     space: thresholds              # named spaces joined with '+', or a mapping {param: {uniform: [lo, hi]}}
     search: {algorithm: optuna, num_samples: 4, max_concurrent: 2, seed: 0, points_to_evaluate: [...],
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.splits import KINDS, VALID_KINDS, SplitSpec
+from data_prep.splits import KINDS, UNLABELED_SHAPES, VALID_KINDS, SplitSpec, describe_shapes
 from search_spaces import get_space
 from search_spaces.spaces import space_from_dict
 from study.errors import StudyError
@@ -43,7 +44,8 @@ from trainables.resources import Resources
 SCHEDULERS = ("asha", "median", "none")
 TRAINERS = ("auto", "torch_trainer", "in_trial")
 ALGORITHMS = ("optuna", "random", "grid")
-SPLIT_PARAMETERS = ("gamma_l", "gamma_u")  # swept by cutting one split per value, not training options
+# Swept by cutting one split per value (study/splits.py), not training options.
+SPLIT_PARAMETERS = ("gamma_l", "gamma_u", "unlabeled")
 TAGS = ("label", "stage", "config")  # what a trial's params say about it, besides what it trains
 DEFAULT_SPACE = "thresholds"
 
@@ -57,8 +59,13 @@ class SplitConfig(Declared):
     n_max: int | None = option(50, "labeled rows of the largest class (lt, rand)", low=1)
     gamma_l: float | None = option(10, "labeled imbalance ratio: class 0 has n_max, the last n_max / gamma_l (lt)",
                                    low=1)
-    gamma_u: float | None = option(None, "unlabeled imbalance ratio (lt; < 1 inverts the tail)", kind=float,
-                                   low=0, low_open=True)
+    gamma_u: float | None = option(None, "unlabeled imbalance ratio (lt; < 1 inverts the tail; with unlabeled: the "
+                                   "shape's ratio, >= 1, default gamma_l)", kind=float, low=0, low_open=True)
+    unlabeled: str | None = option(None, "the unlabeled pool's class distribution (lt), drawn from the rows left "
+                                   f"after the labeled and validation ones: {describe_shapes()} (default: the whole "
+                                   "training set, or a gamma_u subset of it)", kind=str,
+                                   choices=tuple(UNLABELED_SHAPES))
+    n_max_u: int | None = option(None, "with unlabeled: unlabeled rows of its largest class", kind=int, low=1)
     size: int | None = option(None, "labeled rows in all (mcar)", kind=int, low=1)
     seed: int = option(1, "seed of the split")
     valid_size: int = option(0, "validation rows set aside (fewer than the classes: none, and the study selects "
@@ -207,6 +214,10 @@ class StudyConfig(Declared):
             raise StudyError(f"space must be a named space or a mapping of parameters, got {self.space!r}")
         if (self.train.dataset, self.train.data_root) != (self.dataset, self.data_root):
             raise StudyError("the train section's dataset and data_root are the study's: set them at the top level")
+        sweeps_shape = isinstance(self.space, dict) and "unlabeled" in self.space
+        if self.split.n_max_u is not None and self.split.unlabeled is None and not sweeps_shape:
+            raise StudyError("split.n_max_u sizes an unlabeled shape: set split.unlabeled, or sweep unlabeled in the "
+                             "space")
 
     @classmethod
     def from_dict(cls, raw) -> "StudyConfig":
@@ -260,11 +271,14 @@ class StudyConfig(Declared):
         return space
 
     def split_spec(self, params: dict | None = None) -> SplitSpec:
-        """The split of a trial: the study's base split with the trial's gamma_l / gamma_u."""
+        """The split of a trial: the study's base split with the trial's split parameters (gamma_l,
+        gamma_u, unlabeled). n_max_u sizes a shaped pool only: a trial without a shape (the base of
+        a space that sweeps unlabeled, e.g. a fixed point) has the whole training set."""
         base, params = self.split, params or {}
-        return SplitSpec(base.kind, base.seed, n_max=base.n_max, size=base.size,
-                         gamma_l=params.get("gamma_l", base.gamma_l), gamma_u=params.get("gamma_u", base.gamma_u),
-                         valid_size=base.valid_size, valid_kind=base.valid_kind)
+        swept = {name: params.get(name, getattr(base, name)) for name in SPLIT_PARAMETERS}
+        n_max_u = base.n_max_u if swept["unlabeled"] is not None else None
+        return SplitSpec(base.kind, base.seed, n_max=base.n_max, size=base.size, valid_size=base.valid_size,
+                         valid_kind=base.valid_kind, n_max_u=n_max_u, **swept)
 
     def train_config(self, params: dict | None = None) -> TrainConfig:
         """What a trial with these params trains: the base `train` section with the trial's values
@@ -277,7 +291,7 @@ class StudyConfig(Declared):
 def trial_overrides(params: dict) -> dict:
     """Trial params -> training values: a variant becomes its method and options, `1-<name>`
     parameters their option (study/method_spaces.py); the trial's tags and the split parameters
-    (gamma_l, gamma_u) are not training options and are left out."""
+    (gamma_l, gamma_u, unlabeled) are not training options and are left out."""
     out = training_values({k: v for k, v in params.items() if k not in ("variant", *TAGS, *SPLIT_PARAMETERS)})
     if "variant" in params:
         out.update(variant_settings(params["variant"]))

@@ -1,9 +1,11 @@
 """The splits of a study: cut (or checked) before any trial starts, and decoded once into Ray's
 object store for TorchTrainer trials (in-trial runs read their arrays in the trial process)."""
 
+import itertools
+
 from data_prep.parquet import open_dataset
 from data_prep.splits import load_split, make_split, save_split, split_path
-from study.config import StudyConfig
+from study.config import SPLIT_PARAMETERS, StudyConfig
 from study.errors import StudyError
 
 
@@ -12,27 +14,33 @@ def prepare_splits(config: StudyConfig, space: dict) -> dict:
     the dataset cannot support fails here. Returns {split name: counts, dataset checksum and whether
     it was cut now ("created")}."""
     info = open_dataset(config.dataset, config.data_root)
-    gammas_l = space["gamma_l"].values if "gamma_l" in space else [config.split.gamma_l]
-    gammas_u = space["gamma_u"].values if "gamma_u" in space else [config.split.gamma_u]
-    if config.split.kind != "lt" and ("gamma_l" in space or "gamma_u" in space):
-        raise StudyError("sweeping gamma_l / gamma_u needs split.kind: lt")
     splits = {}
-    for gamma_l in gammas_l:
-        for gamma_u in gammas_u:
-            spec = config.split_spec({"gamma_l": gamma_l, "gamma_u": gamma_u})
-            name = spec.default_name(info.name)
-            created = not split_path(info, name).is_file()
-            if created:
-                split = make_split(info, spec)
-                save_split(info, split)
-            else:
-                split = load_split(info, name, create=False)
-            splits[name] = {"created": created,
-                            "labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
-                            "labeled_counts": split.labeled_counts, "valid": len(split.valid_indices),
-                            "valid_kind": split.spec.valid_kind if split.has_validation else None,
-                            "valid_counts": split.valid_counts, "dataset_checksum": split.dataset_checksum}
+    for params in split_parameters(config, space):
+        spec = config.split_spec(params)
+        name = spec.default_name(info.name)
+        created = not split_path(info, name).is_file()
+        if created:
+            split = make_split(info, spec)
+            save_split(info, split)
+        else:
+            split = load_split(info, name, create=False)
+        splits[name] = {"created": created,
+                        "labeled": len(split.labeled_indices), "unlabeled": len(split.unlabeled_indices),
+                        "labeled_counts": split.labeled_counts, "unlabeled_counts": split.unlabeled_counts,
+                        "valid": len(split.valid_indices),
+                        "valid_kind": split.spec.valid_kind if split.has_validation else None,
+                        "valid_counts": split.valid_counts, "dataset_checksum": split.dataset_checksum}
     return splits
+
+
+def split_parameters(config: StudyConfig, space: dict) -> list[dict]:
+    """Every combination of the split parameters the space sweeps (SPLIT_PARAMETERS: gamma_l,
+    gamma_u, unlabeled), each a trial's params for `config.split_spec`, in the space's value order;
+    [{}] (the base split) when it sweeps none."""
+    swept = [name for name in SPLIT_PARAMETERS if name in space]
+    if swept and config.split.kind != "lt":
+        raise StudyError(f"sweeping {' / '.join(swept)} needs split.kind: lt")
+    return [dict(zip(swept, values)) for values in itertools.product(*(space[name].values for name in swept))]
 
 
 def decode_once(config: StudyConfig, split_names) -> dict:

@@ -245,18 +245,20 @@ class Synth:
         return self.info.path.parent
 
 
-def write_synth(data_root, *, name="synth", seed=0, overwrite=False) -> Synth:
-    """10 classes of 4x4 grey images, SYNTH_TRAIN_COUNTS training rows per class in a shuffled
-    order, 2 test rows per class, converted under `data_root` as dataset `name`."""
+def write_synth(data_root, *, name="synth", seed=0, overwrite=False, train_counts=SYNTH_TRAIN_COUNTS) -> Synth:
+    """4x4 grey images, `train_counts[c]` training rows of class c (default SYNTH_TRAIN_COUNTS:
+    10 classes) in a shuffled order, 2 test rows per class, converted under `data_root` as
+    dataset `name`."""
     from data_prep.parquet import write_dataset
     from data_prep.readers import PartitionSource, RawDataset
 
     rng = np.random.default_rng(seed)
-    train_labels = rng.permutation(np.repeat(np.arange(10), SYNTH_TRAIN_COUNTS)).astype(np.int64)
-    test_labels = np.repeat(np.arange(10), 2).astype(np.int64)
+    num_classes = len(train_counts)
+    train_labels = rng.permutation(np.repeat(np.arange(num_classes), train_counts)).astype(np.int64)
+    test_labels = np.repeat(np.arange(num_classes), 2).astype(np.int64)
     train_images = rng.integers(0, 256, (len(train_labels), 4, 4, 1), dtype=np.uint8)
     test_images = rng.integers(0, 256, (len(test_labels), 4, 4, 1), dtype=np.uint8)
-    raw = RawDataset(name, [f"class{c}" for c in range(10)], (4, 4, 1), {
+    raw = RawDataset(name, [f"class{c}" for c in range(num_classes)], (4, 4, 1), {
         "train": PartitionSource(len(train_labels), lambda: iter([(train_images, train_labels)])),
         "test": PartitionSource(len(test_labels), lambda: iter([(test_images, test_labels)])),
     }, source_sha256="0" * 64)
