@@ -9,7 +9,8 @@ and leaves `--warmup` steps (and any compilation) out of the timing:
 
 - precision: iterations/s of the step on synthetic uint8 images held on the device (as
   train_step.py times "ours"), fp32 and bf16, each eager and with torch.compile of the model (as
-  trainables/loop.py compiles it), each as a ratio to fp32 eager;
+  trainables/loop.py compiles it; `--compile-backend`, inductor by default as there), each as a
+  ratio to fp32 eager;
 - scaling: the same global batch on 1 vs N Ray Train workers (`trainables.ray_train.fit`, as
   scaling.py runs it) on a synthetic dataset of the same shapes, N = `--gpus` (default: every
   visible GPU);
@@ -57,7 +58,8 @@ class StepBench:
             "model": settings["model"], "batch_size": settings["batch_size"], "mu": settings["mu"],
             "steps": 100_000, "precision": precision, "compile": compile, "device": settings["device"]})
         self.state = build_state(self.config, NUM_CLASSES, shape, self.device)
-        self.forward = torch.compile(self.state.model) if compile else self.state.model
+        self.forward = (torch.compile(self.state.model, backend=settings["compile_backend"]) if compile
+                        else self.state.model)
         self.flip = settings["channels"] == 3
         g = torch.Generator().manual_seed(0)
         n_labeled = settings["batch_size"]
@@ -95,6 +97,7 @@ def precision_part(args, settings: dict, common: dict) -> None:
             variant = f"{precision} {'compile' if compiled else 'eager'}"
             emit(f"precision {variant}: {rate:.2f} it/s, {rate / baseline:.2f}x fp32 eager",
                  {**common, "part": "precision", "precision": precision, "compile": compiled,
+                  "compile_backend": settings["compile_backend"] if compiled else None,
                   "iterations_per_second": rate, "images_per_second": rate * common["images_per_step"],
                   "ratio_to_fp32_eager": rate / baseline})
             del bench
@@ -215,6 +218,9 @@ def main(argv=None):
     parser.add_argument("--gpus", type=int,
                         help="N for the scaling part (default: every visible GPU; on a CPU, 2 workers)")
     parser.add_argument("--trials", type=int, default=4, help="trainings packed on one device")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for the precision part (default: inductor, as training "
+                             "compiles; aot_eager traces the same graphs without generating code)")
     parser.add_argument("--address", help="a Ray cluster to use (default: start a local one)")
     parser.add_argument("--num-cpus", type=int,
                         help="CPUs of the local Ray (default: 2 on a CPU, every core with --device cuda)")
@@ -233,7 +239,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     settings = {"device": args.device, "model": args.model, "image_size": args.image_size,
                 "channels": args.channels, "batch_size": args.batch_size, "mu": args.mu,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "compile_backend": args.compile_backend}
     common = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
               "model": args.model, "image_size": args.image_size, "channels": args.channels,
               "batch_size": args.batch_size, "mu": args.mu, "images_per_step": args.batch_size * (1 + 2 * args.mu),

@@ -18,13 +18,16 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {"model": "cnn_small", "image_size": 8, "channels": 1, "batch_size": 8, "mu": 2}
 STEPS, WARMUP = 2, 1
+# Dynamo and AOTAutograd trace the step as with inductor, without generating and compiling C++ for
+# the CPU (tests/trainables/test_train.py trains a model inductor compiled).
+BACKEND = "aot_eager"
 
 
 @pytest.fixture(scope="module")
 def run():
     """One CPU smoke run of every part: (human lines, JSON records)."""
     pytest.importorskip("ray")
-    argv = ["--device", "cpu", "--steps", STEPS, "--warmup", WARMUP]
+    argv = ["--device", "cpu", "--steps", STEPS, "--warmup", WARMUP, "--compile-backend", BACKEND]
     for name, value in SHAPES.items():
         argv += [f"--{name.replace('_', '-')}", value]
     # One torch thread per process: the driver, Ray's workers and the actors share two cores.
@@ -65,8 +68,8 @@ def test_every_record_names_the_device_torch_and_shapes_and_is_marked_a_cpu_smok
 def test_precision_times_fp32_and_bf16_eager_and_compiled_against_fp32_eager(run):
     _, records = run
     precision = part(records, "precision")
-    assert [(r["precision"], r["compile"]) for r in precision] == [
-        ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    assert [(r["precision"], r["compile"], r["compile_backend"]) for r in precision] == [
+        ("fp32", False, None), ("fp32", True, BACKEND), ("bf16", False, None), ("bf16", True, BACKEND)]
     assert precision[0]["ratio_to_fp32_eager"] == 1.0
     for record in precision:
         assert record["ratio_to_fp32_eager"] == pytest.approx(

@@ -79,7 +79,7 @@ STUDY = {
     "split": {"kind": "lt", "n_max": 20, "gamma_l": 10, "seed": 1, "valid_size": 100},
     "train": {"model": "cnn_small", "steps": 20, "eval_every": 10, "batch_size": 8, "mu": 2,
               "cap": True, "cai": True, "cadr": True},
-    "space": {"seed": {"grid": [0, 1]}},
+    "space": {"seed": {"grid": [0]}},  # one trial: what is tested is where its two workers run
     "search": {"algorithm": "grid", "num_samples": 1, "max_concurrent": 1},
     "scheduler": {"name": "none"},
     "resources": {"num_workers": 2, "cpus_per_worker": 1, "trainer": "torch_trainer"},
@@ -111,11 +111,11 @@ def test_a_study_submitted_to_a_multi_node_cluster_runs_two_workers_per_trial(tm
     assert "succeeded" in out
     with open(storage / "cluster" / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(row["seed"] for row in rows) == ["0", "1"]
+    assert [row["seed"] for row in rows] == ["0"]
     assert all(row["status"] == "TERMINATED" and row["steps"] == "20" for row in rows)
     assert (storage / "cluster" / "report.md").is_file()
-    # Each trial's Train run: one worker group of 2, on the cluster the job was submitted to.
-    assert len(list((storage / "cluster" / "train_runs").iterdir())) == 2
+    # The trial's Train run: one worker group of 2, on the cluster the job was submitted to.
+    assert len(list((storage / "cluster" / "train_runs").iterdir())) == 1
 
 
 @pytest.mark.ray
