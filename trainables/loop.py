@@ -108,12 +108,18 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
         collective = DistributedCollective()
     state = build_state(config, data.num_classes, data.image_shape, device, num_unlabeled=data.num_unlabeled,
                         collective=collective)
+    local_batch = config.batch_size // world_size
+    state.samplers = {"labeled": EpochSampler(len(data.labeled_labels), local_batch, state.generator),
+                      "unlabeled": EpochSampler(len(data.unlabeled_images), local_batch * config.mu, state.generator)}
     if context.restored is not None:
         with context.restored.as_directory() as directory:
             state.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, device))
     if world_size > 1:
-        # Each worker augments and samples differently; after a restart, differently again.
+        # Each worker augments and samples differently; after a restart, differently again (the
+        # checkpoint holds the first worker's samplers only).
         state.generator.manual_seed(config.seed + 1_000_003 * rank + 7_919 * state.step)
+        for sampler in state.samplers.values():
+            sampler.new_epoch()
         wrap = context.wrap_model or (lambda model: torch.nn.parallel.DistributedDataParallel(model))
         state.model = wrap(state.model)
     forward = torch.compile(state.model) if config.compile else state.model
@@ -122,9 +128,7 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
     labeled_labels = torch.from_numpy(data.labeled_labels).to(device)
     unlabeled_images = torch.from_numpy(data.unlabeled_images).to(device)
     unlabeled_positions = torch.from_numpy(np.asarray(data.unlabeled_positions, np.int64)).to(device)
-    local_batch = config.batch_size // world_size
-    labeled_sampler = EpochSampler(len(labeled_labels), local_batch, state.generator)
-    unlabeled_sampler = EpochSampler(len(unlabeled_images), local_batch * config.mu, state.generator)
+    labeled_sampler, unlabeled_sampler = state.samplers["labeled"], state.samplers["unlabeled"]
     flip = use_flip(config, data.image_shape)
 
     writer = None
@@ -228,13 +232,28 @@ class EpochSampler:
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator):
         self.n, self.batch_size, self.generator = n, batch_size, generator
-        self._order = torch.empty(0, dtype=torch.long)
+        self.new_epoch()
 
     def next(self) -> torch.Tensor:
         while len(self._order) < self.batch_size:
             self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.generator)])
         batch, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
         return batch
+
+    def new_epoch(self) -> None:
+        """Drop the rest of the current epoch: the next batch starts a new one."""
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        """The rows left in the current epoch (a checkpoint's part: trainables/step.py)."""
+        return {"order": self._order.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["order"]
+        if order.numel() and int(order.max()) >= self.n:  # saved over other rows: start a new epoch
+            self.new_epoch()
+            return
+        self._order = order.to(dtype=torch.long).clone()
 
 
 class RunningStats:

@@ -76,6 +76,9 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     step: int = 0
     tracker: MetricTracker = field(default_factory=MetricTracker)
+    # The loop's batch samplers (trainables/loop.py): where each stands in its shuffled epoch, so
+    # that a run resumed from a checkpoint draws the batches the uninterrupted run would have.
+    samplers: dict = field(default_factory=dict)
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -96,6 +99,7 @@ class TrainState:
             "step": self.step,
             "tracker": self.tracker.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "samplers": {name: sampler.state_dict() for name, sampler in self.samplers.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -114,6 +118,9 @@ class TrainState:
         self.step = int(state["step"])
         self.tracker.load_state_dict(state["tracker"])
         torch.set_rng_state(state["torch_rng"])
+        for name, saved in state.get("samplers", {}).items():  # an older checkpoint has none: new epochs
+            if name in self.samplers:
+                self.samplers[name].load_state_dict(saved)
 
 
 def build_state(config: TrainConfig, num_classes: int, image_shape, device, *, num_unlabeled: int = 0,

@@ -153,6 +153,19 @@ def test_epoch_sampler_visits_every_row_once_per_epoch():
     assert len(small.next()) == 7
 
 
+def test_an_epoch_sampler_continues_its_epoch_from_its_state_but_not_one_over_other_rows():
+    sampler = EpochSampler(10, 4, torch.Generator().manual_seed(0))
+    first = sampler.next()
+    copy = EpochSampler(10, 4, torch.Generator().manual_seed(1))
+    copy.load_state_dict(sampler.state_dict())
+    second = sampler.next()
+    assert torch.equal(copy.next(), second)  # the same epoch's next rows, whatever the generator
+    assert not set(first.tolist()) & set(second.tolist())
+    fewer = EpochSampler(5, 4, torch.Generator().manual_seed(0))
+    fewer.load_state_dict(sampler.state_dict())  # rows beyond its 5: a new epoch instead
+    assert fewer.state_dict()["order"].numel() == 0
+
+
 def test_short_training_on_digits_is_far_above_chance(tmp_path):
     prepare("digits", tmp_path)
     result = train(TrainConfig.from_dict(dict(dataset="digits", split="digits_LT_10.1@50", data_root=str(tmp_path),
@@ -202,6 +215,31 @@ def test_the_single_process_runner_resumes_from_its_checkpoint_directory(tmp_pat
     assert history[:2] == [m["test_accuracy"] for m in first["history"]]
     saved = torch.load(checkpoints / "state.pt", weights_only=True)
     assert saved["step"] == 40 and saved["method"] == "fixmatch"
+
+
+class Stop(Exception):
+    """A run stopped after a checkpoint, as a crash or a killed process would stop it."""
+
+
+def test_a_run_stopped_and_resumed_from_its_checkpoint_trains_exactly_as_one_never_stopped(tmp_path):
+    # digits_LT_10.1@50-100 has 163 labeled rows: with B = 8, step 20 is inside the labeled epoch
+    # (and the unlabeled one), so the samplers' place in their epochs must come back too.
+    prepare("digits", tmp_path / "data")
+    config = _digits_config(tmp_path / "data", steps=40, augment="d.d.rac")
+    whole = train(config, progress=False)
+
+    def stop_at_20(metrics):
+        if metrics["step"] == 20:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, progress=False, on_eval=stop_at_20, checkpoint_dir=tmp_path / "run")
+    resumed = train(config, progress=False, checkpoint_dir=tmp_path / "run")
+    assert [m["step"] for m in resumed["history"]] == [30, 40]
+    assert [m["test_accuracy"] for m in resumed["history"]] == [m["test_accuracy"] for m in whole["history"][2:]]
+    for name, tensor in whole["state"].model.state_dict().items():
+        assert torch.equal(tensor, resumed["state"].model.state_dict()[name]), name
+    assert torch.equal(whole["state"].generator.get_state(), resumed["state"].generator.get_state())
 
 
 def _floating_tensors(tree):
