@@ -36,7 +36,9 @@ def differences(recorded: dict, now: dict, ignore=()) -> list[str]:
     lines = []
     for key in sorted(old.keys() | new.keys()):
         before, after = old.get(key, MISSING), new.get(key, MISSING)
-        if {before, after} == {MISSING, None} or key.split(".")[0] in ignore:
+        if (before is MISSING and after is None) or (after is MISSING and before is None):
+            continue
+        if key.split(".")[0] in ignore:
             continue
         if before != after:
             lines.append(f"{key}: {_shown(old, key)} there, {_shown(new, key)} now")

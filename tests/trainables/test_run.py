@@ -77,9 +77,11 @@ def test_storage_under_a_file_is_one_error_line_before_ray_starts(capsys, tmp_pa
 def test_a_setting_added_since_a_config_was_recorded_is_a_change_only_when_it_is_set():
     from trainables.same_config import differences
 
-    recorded = {"split": {"kind": "lt", "gamma_u": None}, "train": {"lr": 0.03}}
+    recorded = {"split": {"kind": "lt", "gamma_u": None}, "train": {"lr": 0.03}, "space": {"seed": [0, 1]}}
     assert differences(recorded, {"split": {"kind": "lt", "gamma_u": None, "unlabeled": None},
-                                  "train": {"lr": 0.03}}) == []
+                                  "train": {"lr": 0.03}, "space": {"seed": [0, 1]}}) == []
+    assert differences(recorded, {**recorded, "space": {"seed": [0, 2]}}) == ["space.seed: [0, 1] there, [0, 2] now"]
+    recorded = {"split": recorded["split"], "train": recorded["train"]}
     assert differences(recorded, {"split": {"kind": "lt", "unlabeled": "uniform"}, "train": {"lr": 0.03}}) == [
         "split.unlabeled: not set there, \"uniform\" now"]
     assert differences(recorded, {"split": {"kind": "lt", "gamma_u": 10}, "train": {"lr": 0.1}}) == [
