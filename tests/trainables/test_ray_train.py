@@ -349,7 +349,8 @@ def test_a_diverging_run_ends_with_one_line_and_exit_2_without_retries(local_ray
     assert (recorded["lr"], recorded["steps"], recorded["cadr"]) == (1e6, 40, True)
 
 
-def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(one_worker_run, digits_root, tmp_path):
+def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(local_ray, one_worker_run, digits_root,
+                                                                               tmp_path):
     # A run that checkpointed, under the name the CLI resumes: a copy of the module's 1-worker run
     # (Ray Train's snapshot names its checkpoints relative to the run directory).
     run_dir = Path(shutil.copytree(one_worker_run["run_dir"], tmp_path / "refused"))
@@ -363,7 +364,8 @@ def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(on
     torch.save({"step": RunsCode()}, checkpoint)  # what an attacker with write access could plant
     done = run_cli("--dataset", "digits", "--split", "digits_LT_10.1@50-100", "--data-root", digits_root,
                    "--steps", "30", "--eval-every", "10", "--augment", "d.d.cta", "--batch-size", "16", "--mu", "2",
-                   "--cap", "--cai", "--cadr", "--storage", tmp_path, "--name", "refused")  # the run's own config
+                   "--cap", "--cai", "--cadr", "--storage", tmp_path, "--name", "refused",  # the run's own config
+                   "--address", local_ray.get_runtime_context().gcs_address)  # this module's Ray, as a cluster
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith(
