@@ -13,11 +13,12 @@ from trainables.methods.debiaspl import DebiasPL
 from trainables.methods.fixmatch import FixMatch
 from trainables.methods.flexmatch import FlexMatch
 from trainables.methods.freematch import FreeMatch
+from trainables.methods.simpro import SimPro
 from trainables.methods.softmatch import SoftMatch
 from trainables.options import Option
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL)
+    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL, SimPro)
 }
 
 
@@ -27,9 +28,11 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def create_method(name: str, num_classes: int, num_unlabeled: int = 0, collective=None, **options) -> Method:
-    """The method registered under `name`, with its options validated (wu among them)."""
-    return get_method(name)(num_classes, num_unlabeled, collective, **options)
+def create_method(name: str, num_classes: int, num_unlabeled: int = 0, collective=None, labeled_counts=None,
+                  **options) -> Method:
+    """The method registered under `name`, with its options validated (wu among them);
+    `labeled_counts` (the labeled rows per class) for a method that needs them."""
+    return get_method(name)(num_classes, num_unlabeled, collective, labeled_counts, **options)
 
 
 def option_names() -> set[str]:
