@@ -45,6 +45,8 @@ CASES = {  # name: (training options: the method and its options, strong augment
     # The frontier methods add views to the forward (a strong labeled view, a second strong view);
     # SimPro's priors move at the end of every 2-step epoch.
     "simpro": (dict(method="simpro", tau=2.0, ema_u=0.5, confidence=0.6, epoch_steps=2), "mirror"),
+    # CDMAD's solid-image probe, from the second step (epoch 1 > debiasstart 0) on.
+    "cdmad": (dict(method="cdmad", confidence=0.6, debiasstart=0, epoch_steps=1), "mirror"),
 }
 LABELED_COUNTS = [5, 3, 2, 1]  # the labeled rows per class a method may start from
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

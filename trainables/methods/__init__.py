@@ -9,6 +9,7 @@ Adding a method is one file with a `Method` subclass, registered in `METHODS` be
 
 from trainables.errors import TrainConfigError
 from trainables.methods.base import COMMON_OPTIONS, Method, MethodOutput
+from trainables.methods.cdmad import CDMAD
 from trainables.methods.debiaspl import DebiasPL
 from trainables.methods.fixmatch import FixMatch
 from trainables.methods.flexmatch import FlexMatch
@@ -18,7 +19,7 @@ from trainables.methods.softmatch import SoftMatch
 from trainables.options import Option
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL, SimPro)
+    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL, SimPro, CDMAD)
 }
 
 
