@@ -62,9 +62,11 @@ VARIANTS = {
     "debiaspl": {"method": "debiaspl"},
     "simpro": {"method": "simpro"},
     "cdmad": {"method": "cdmad"},
+    "acr": {"method": "acr"},
 }
 ABLATION = ("fixmatch", "cap", "cai", "cap_cai", "cadr")
-BASELINES = ("fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl", "simpro", "cdmad")
+BASELINES = ("fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl", "simpro", "cdmad",
+             "acr")
 
 SPACES: dict[str, dict[str, Any]] = {
     "thresholds": {
@@ -105,7 +107,7 @@ DESCRIPTIONS = {
     "loss_weights": "unlabeled loss weight, weight decay, CAP clip and prior momentum",
     "ablation": "the paper's ablation grid {FixMatch, +CAP, +CAI, +CAP+CAI, CADR} x 3 seeds",
     "baselines": "CADR against the peer methods {FixMatch, CADR, FlexMatch, FreeMatch, SoftMatch, DebiasPL, "
-                 "SimPro, CDMAD} x 3 seeds",
+                 "SimPro, CDMAD, ACR} x 3 seeds",
     "paper": "the paper's fixed configurations: FixMatch baseline and CADR at its defaults",
 }
 

@@ -194,7 +194,8 @@ class TwoHeads(nn.Module):
     def __init__(self, main: nn.Linear):
         super().__init__()
         self.main = main
-        self.auxiliary = nn.Linear(main.in_features, main.out_features)
+        self.auxiliary = nn.Linear(main.in_features, main.out_features, device=main.weight.device,
+                                   dtype=main.weight.dtype)
         # A fresh head, initialised as ACR's WideResNet initialises its second one.
         nn.init.xavier_normal_(self.auxiliary.weight)
         nn.init.zeros_(self.auxiliary.bias)

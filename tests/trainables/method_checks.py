@@ -245,3 +245,17 @@ def assert_workers_reproduce_one_process(single, workers, steps, labeled_rows, u
                 torch.testing.assert_close(got, want, **tolerance)
         outputs.append(outs)
     return outputs
+
+
+def assert_two_workers_on_halves_reproduce_one_process(make_method, steps, state_tolerance=None) -> tuple[list, list]:
+    """Two workers, `make_method(collective)` each, on the halves of every batch (4 labeled rows,
+    12 unlabeled ones) reproduce `make_method(None)` on the whole batches (see
+    assert_workers_reproduce_one_process), and at some step the halves' masks differ (else a
+    per-worker statistic would pass too). Gives the workers and their outputs of each step."""
+    workers = [make_method(collective) for collective in threaded_collectives()]
+    outputs = assert_workers_reproduce_one_process(
+        make_method(None), workers, steps, labeled_rows=[slice(0, 2), slice(2, 4)],
+        unlabeled_rows=[slice(0, 6), slice(6, 12)], tolerance=dict(rtol=1e-10, atol=1e-12),
+        state_tolerance=state_tolerance or dict(rtol=1e-12, atol=1e-14))
+    assert any(outs[0].mask.sum() != outs[1].mask.sum() for outs in outputs)
+    return workers, outputs

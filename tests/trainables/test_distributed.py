@@ -47,6 +47,8 @@ CASES = {  # name: (training options: the method and its options, strong augment
     "simpro": (dict(method="simpro", tau=2.0, ema_u=0.5, confidence=0.6, epoch_steps=2), "mirror"),
     # CDMAD's solid-image probe, from the second step (epoch 1 > debiasstart 0) on.
     "cdmad": (dict(method="cdmad", confidence=0.6, debiasstart=0, epoch_steps=1), "mirror"),
+    # ACR's balanced auxiliary head; u_py estimated from the second step, tau adapted from the third.
+    "acr": (dict(method="acr", confidence=0.6, est_epoch=0, epoch_steps=1, ema_u=0.5), "mirror"),
 }
 LABELED_COUNTS = [5, 3, 2, 1]  # the labeled rows per class a method may start from
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -67,7 +69,7 @@ class TinyNet(nn.Module):
             self.fc.weight.mul_(6)  # confident enough that some pseudo-labels pass the thresholds
 
     def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x.to(self.fc.weight.dtype))).flatten(1))
+        return self.fc(torch.tanh(self.conv(x.to(self.conv.weight.dtype))).flatten(1))
 
 
 def tiny_net(num_classes, in_channels=1, image_size=8):

@@ -20,7 +20,7 @@ import torch
 from method_checks import (
     assert_continues_identically,
     assert_gradients_match_finite_differences,
-    assert_workers_reproduce_one_process,
+    assert_two_workers_on_halves_reproduce_one_process,
     gradient_of,
     np_softmax,
     one_intra_op_thread,  # noqa: F401 (an autouse fixture: importing it applies it)
@@ -28,7 +28,6 @@ from method_checks import (
     restored_from_checkpoint,
     run_keeping_dtype,
     run_step,
-    threaded_collectives,
     with_extras,
 )
 
@@ -273,11 +272,6 @@ def test_half_precision_logits_keep_their_dtype_and_the_state_its_own(dtype):
 # --- the data-parallel hook --------------------------------------------------------------------------
 
 def test_two_workers_with_half_batches_reproduce_one_process_with_the_whole_batch():
-    steps = make_steps(seed=8, steps=7, B=4, mu=3)
-    workers = [float64_method(collective, **FAST) for collective in threaded_collectives()]
-    outputs = assert_workers_reproduce_one_process(
-        float64_method(**FAST), workers, steps,
-        labeled_rows=[slice(0, 2), slice(2, 4)], unlabeled_rows=[slice(0, 6), slice(6, 12)],
-        tolerance=dict(rtol=1e-10, atol=1e-12), state_tolerance=dict(rtol=1e-12, atol=1e-14))
-    assert any(outs[0].mask.sum() != outs[1].mask.sum() for outs in outputs)  # the halves differ
+    workers, _ = assert_two_workers_on_halves_reproduce_one_process(
+        lambda collective: float64_method(collective, **FAST), make_steps(seed=8, steps=7, B=4, mu=3))
     assert workers[0].state["step"].item() == 7  # two epoch ends passed

@@ -8,6 +8,7 @@ Adding a method is one file with a `Method` subclass, registered in `METHODS` be
 """
 
 from trainables.errors import TrainConfigError
+from trainables.methods.acr import ACR
 from trainables.methods.base import COMMON_OPTIONS, Method, MethodOutput
 from trainables.methods.cdmad import CDMAD
 from trainables.methods.debiaspl import DebiasPL
@@ -19,7 +20,7 @@ from trainables.methods.softmatch import SoftMatch
 from trainables.options import Option
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL, SimPro, CDMAD)
+    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL, SimPro, CDMAD, ACR)
 }
 
 
