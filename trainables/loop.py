@@ -58,6 +58,7 @@ class TrainData:
     image_shape: tuple
     eval_sets: dict = field(default_factory=dict)
     labeled_counts: list | None = None  # labeled rows per class, across workers (methods that need them)
+    labeled_in_pool: np.ndarray | None = None  # (num_unlabeled,) bool: the pool's rows that are labeled too
 
     @classmethod
     def from_arrays(cls, arrays) -> "TrainData":
@@ -67,7 +68,8 @@ class TrainData:
         return cls(arrays.labeled_images, arrays.labeled_labels, arrays.unlabeled_images,
                    np.arange(len(arrays.unlabeled_images)), len(arrays.unlabeled_images), arrays.num_classes,
                    tuple(arrays.image_shape), eval_sets,
-                   np.bincount(arrays.labeled_labels, minlength=arrays.num_classes).tolist())
+                   np.bincount(arrays.labeled_labels, minlength=arrays.num_classes).tolist(),
+                   arrays.unlabeled_also_labeled)
 
 
 class LocalCheckpoint:
@@ -110,7 +112,8 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
 
         collective = DistributedCollective()
     state = build_state(config, data.num_classes, data.image_shape, device, num_unlabeled=data.num_unlabeled,
-                        collective=collective, labeled_counts=data.labeled_counts)
+                        collective=collective, labeled_counts=data.labeled_counts,
+                        labeled_in_pool=data.labeled_in_pool)
     if context.restored is not None:
         with context.restored.as_directory() as directory:
             state.load_state_dict(load_checkpoint(Path(directory) / CHECKPOINT_FILE, device))

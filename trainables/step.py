@@ -132,13 +132,14 @@ class TrainState:
 
 
 def build_state(config: TrainConfig, num_classes: int, image_shape, device, *, num_unlabeled: int = 0,
-                collective: Collective | None = None, labeled_counts=None) -> TrainState:
+                collective: Collective | None = None, labeled_counts=None, labeled_in_pool=None) -> TrainState:
     """Model, EMA copy, SGD (Nesterov; weight decay on conv/linear weights only), schedule, and
     the method (its options from the config, its state on `device`; `labeled_counts`, the labeled
-    rows per class, for a method that needs them)."""
+    rows per class, and `labeled_in_pool`, which unlabeled rows are labeled too, for a method that
+    needs them)."""
     augment = Augmenter(config.augment)
     method = get_method(config.method.name).from_checked(config.method.options, num_classes, num_unlabeled,
-                                                        collective, labeled_counts).to(device)
+                                                        collective, labeled_counts, labeled_in_pool).to(device)
     torch.manual_seed(config.seed)
     height, _, channels = image_shape
     model = create_model(config.model, num_classes, in_channels=channels, image_size=height,

@@ -6,7 +6,8 @@ eval_step)[0] re-makes the main head's adjustment, and count_KL restarts; each s
 four pseudo-label distributions (adjusted by tau and by tau12, the balanced head's, the plain one),
 their masks at the threshold, the two unlabeled losses with OR-ed masks over both strong views and
 the two labeled losses; past est_epoch it moves u_py toward the histogram of the balanced head's
-confident pseudo-labels and adds the symmetric KL distances to the three anchors. It uses no helper
+confident pseudo-labels of the rows that are not labeled rows too (its targets -2) and adds the
+symmetric KL distances to the three anchors. It uses no helper
 of the implementation. Pseudo-labels and masks are frozen at the input point; the reference
 gradient is the central finite difference of the rest.
 """
@@ -77,7 +78,7 @@ class ReferenceACR:
         self.epoch, self.batch_idx = 0, 0
         self.count_KL = np.zeros(3)
 
-    def step(self, zw, bw) -> Frozen:
+    def step(self, zw, bw, index) -> Frozen:
         if self.batch_idx == 0:  # the top of an epoch
             if self.epoch > self.est_epoch:
                 count_KL = self.count_KL / self.eval_step
@@ -93,8 +94,10 @@ class ReferenceACR:
         pseudo_label_t = np_softmax(zw / self.T)
         mask, mask_h2, mask_b, mask_t = (p.max(axis=1) >= self.threshold
                                          for p in (pseudo_label, pseudo_label_h2, pseudo_label_b, pseudo_label_t))
+        mask_l = ~LABELED_IN_POOL[index]
         if self.epoch > self.est_epoch:
-            now_mask = np.bincount(pseudo_label_b.argmax(axis=1)[mask_b], minlength=len(self.u_py)).astype(float)
+            counted = mask_b & mask_l
+            now_mask = np.bincount(pseudo_label_b.argmax(axis=1)[counted], minlength=len(self.u_py)).astype(float)
             if now_mask.sum() > 0:
                 now_mask = now_mask / now_mask.sum()
                 self.u_py = self.ema_u * self.u_py + (1 - self.ema_u) * now_mask
@@ -133,13 +136,15 @@ def reference_losses(arrays, frozen, wu):
 
 C, B, MU = 4, 3, 2
 LABELED_COUNTS = [4, 2, 1, 1]  # a labeled distribution exact in float32
+POOL = 30  # unlabeled rows; every third is a labeled row too
+LABELED_IN_POOL = np.arange(POOL) % 3 == 0
 # Epochs of 2 steps, estimation from epoch 2 (steps 4, 5, ...), tau adapted from epoch 3 (step 6).
 SHORT = dict(est_epoch=1, epoch_steps=2, ema_u=0.5, confidence=0.7, wu=0.6)
 CASES = {"short": SHORT, "other-strengths": dict(SHORT, tau1=1.5, tau12=1.0, tau2=0.5, T=0.8, est_epoch=0)}
 
 
 def make_steps(seed=0, steps=9, scale=2.5, B=B, mu=MU):
-    batches = random_batches(seed, steps, B, mu, C, scale, weak_shift=np.array([1.0, 0.3, 0.0, -0.5]))
+    batches = random_batches(seed, steps, B, mu, C, scale, weak_shift=np.array([1.0, 0.3, 0.0, -0.5]), pool=POOL)
     return with_extras(batches, ACR.extra_logits(), seed + 100, scale)
 
 
@@ -150,7 +155,7 @@ def options_of(case):
 
 
 def float64_method(collective=None, **options) -> ACR:
-    return ACR(C, 0, collective, LABELED_COUNTS, **options).to(dtype=torch.float64)
+    return ACR(C, POOL, collective, LABELED_COUNTS, labeled_in_pool=LABELED_IN_POOL, **options).to(dtype=torch.float64)
 
 
 def reference_of(o) -> ReferenceACR:
@@ -167,7 +172,7 @@ def test_losses_masks_and_estimates_match_the_reference_across_epochs(case):
     taus = []
     for step, arrays in enumerate(make_steps()):
         out, _ = run_step(method, arrays)
-        frozen = reference.step(arrays["zw"], arrays["aux_weak"])
+        frozen = reference.step(arrays["zw"], arrays["aux_weak"], arrays["index"])
         expected = reference_losses(arrays, frozen, o["wu"])
         for name, value in expected.items():
             np.testing.assert_allclose(getattr(out, name).item(), value, **TOLERANCE, err_msg=f"{name}, step {step}")
@@ -185,7 +190,7 @@ def test_losses_masks_and_estimates_match_the_reference_across_epochs(case):
 def test_the_reference_run_masks_some_rows_of_each_head():
     reference, masks = reference_of(options_of("short")), []
     for arrays in make_steps():
-        frozen = reference.step(arrays["zw"], arrays["aux_weak"])
+        frozen = reference.step(arrays["zw"], arrays["aux_weak"], arrays["index"])
         masks.append((frozen.mask_ss_t.mean(), frozen.mask_ss_b_h2.mean()))
     assert any(0 < main < 1 for main, _ in masks) and any(0 < balanced < 1 for _, balanced in masks)
     assert not np.allclose(reference.u_py, 0.25)
@@ -197,11 +202,11 @@ def test_gradients_of_the_total_match_finite_differences_of_the_reference(step):
     method, reference = float64_method(**SHORT), reference_of(o)
     for arrays in steps[:step]:
         run_step(method, arrays)
-        reference.step(arrays["zw"], arrays["aux_weak"])
+        reference.step(arrays["zw"], arrays["aux_weak"], arrays["index"])
     arrays = steps[step]
     out, leaves = run_step(method, arrays)
     out.total.backward()
-    frozen = reference.step(arrays["zw"], arrays["aux_weak"])
+    frozen = reference.step(arrays["zw"], arrays["aux_weak"], arrays["index"])
     assert frozen.mask_ss_t.sum() > 0 and frozen.mask_ss_b_h2.sum() > 0
 
     def total(**logits):
@@ -213,8 +218,24 @@ def test_gradients_of_the_total_match_finite_differences_of_the_reference(step):
         np.testing.assert_array_equal(gradient_of(leaves[name]), np.zeros(arrays[name].shape))
 
 
+def test_the_estimate_leaves_out_the_pools_labeled_rows():
+    # The same run, once with every third row of the pool a labeled row and once with none.
+    steps, options = make_steps(seed=4), dict(SHORT, est_epoch=0)
+    marked, unmarked = float64_method(**options), ACR(C, POOL, None, LABELED_COUNTS, **options).to(dtype=torch.float64)
+    for arrays in steps[:4]:
+        for method in (marked, unmarked):
+            run_step(method, arrays)
+    assert not torch.allclose(marked.state["u_py"], unmarked.state["u_py"])
+    assert any(LABELED_IN_POOL[arrays["index"]].any() for arrays in steps[:4])
+
+
+def test_the_pools_labeled_rows_are_one_flag_per_unlabeled_row():
+    with pytest.raises(TrainConfigError, match="labeled_in_pool"):
+        ACR(C, POOL, None, LABELED_COUNTS, labeled_in_pool=[True, False])
+
+
 def test_initial_state_is_uniform_with_the_full_strength():
-    method = ACR(C, 0, None, LABELED_COUNTS)
+    method = ACR(C, POOL, None, LABELED_COUNTS)
     torch.testing.assert_close(method.state["u_py"], torch.full((C,), 0.25))
     assert method.state["tau_now"].item() == 2.0 and method.state["count_KL"].tolist() == [0, 0, 0]
     assert set(method.class_state()) == {"u_py"}
@@ -234,7 +255,7 @@ def test_the_model_gets_a_second_head_on_the_same_features_and_evaluation_reads_
     torch.testing.assert_close(logits[:, :C], model.fc.main(features))
     torch.testing.assert_close(logits[:, C:], model.fc.auxiliary(features))
     assert not torch.equal(model.fc.main.weight, model.fc.auxiliary.weight)
-    got = predict(model, images, "cpu", channels_last=False, method=ACR(C, 0, None, LABELED_COUNTS))
+    got = predict(model, images, "cpu", channels_last=False, method=ACR(C, POOL, None, LABELED_COUNTS))
     assert got.tolist() == logits[:, C:].argmax(dim=1).tolist()
     assert predict(model, images, "cpu", channels_last=False, method=create_method("fixmatch", C)).tolist() == \
         logits[:, :C].argmax(dim=1).tolist()
@@ -260,31 +281,31 @@ def test_state_round_trip_mid_epoch_continues_identically():
 ])
 def test_out_of_range_option_is_a_config_error_naming_the_option(field, value):
     with pytest.raises(TrainConfigError, match=field):
-        ACR(C, 0, None, LABELED_COUNTS, **{field: value})
+        ACR(C, POOL, None, LABELED_COUNTS, **{field: value})
 
 
 def test_options_default_to_the_reference_values():
     # train.py's argparse defaults.
-    assert ACR(C, 0, None, LABELED_COUNTS).config == dict(
+    assert ACR(C, POOL, None, LABELED_COUNTS).config == dict(
         wu=1.0, tau1=2.0, tau12=2.0, tau2=2.0, ema_u=0.9, est_epoch=5, confidence=0.95, T=1.0, epoch_steps=500)
 
 
 def test_the_labeled_counts_are_required():
     with pytest.raises(TrainConfigError, match="labeled_counts"):
-        create_method("acr", C)
+        create_method("acr", C, POOL)
 
 
 def test_losses_need_the_balanced_heads_logits_and_the_second_strong_view():
     arrays = make_steps(steps=1)[0]
     with pytest.raises(ValueError, match="strong2, aux_x, aux_weak, aux_strong, aux_strong2"):
-        float64_method().losses(*(torch.tensor(arrays[name]) for name in ("zx", "y", "zw", "zs")))
+        float64_method().losses(*(torch.tensor(arrays[name]) for name in ("zx", "y", "zw", "zs", "index")))
 
 
 # --- dtypes ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_half_precision_logits_keep_their_dtype_and_the_state_its_own(dtype):
-    low = ACR(C, 0, None, LABELED_COUNTS, **SHORT)
+    low = ACR(C, POOL, None, LABELED_COUNTS, **SHORT)
     totals = run_keeping_dtype(low, float64_method(**SHORT), make_steps(seed=7, steps=8), dtype)
     assert low.state["u_py"].dtype == torch.float32 and low.state["step"].dtype == torch.int64
     if dtype == torch.float32:

@@ -31,10 +31,12 @@ def get_method(name: str) -> type[Method]:
 
 
 def create_method(name: str, num_classes: int, num_unlabeled: int = 0, collective=None, labeled_counts=None,
-                  **options) -> Method:
+                  labeled_in_pool=None, **options) -> Method:
     """The method registered under `name`, with its options validated (wu among them);
-    `labeled_counts` (the labeled rows per class) for a method that needs them."""
-    return get_method(name)(num_classes, num_unlabeled, collective, labeled_counts, **options)
+    `labeled_counts` (the labeled rows per class) for a method that needs them, `labeled_in_pool`
+    (which unlabeled rows are labeled too) for one that tells them apart."""
+    return get_method(name)(num_classes, num_unlabeled, collective, labeled_counts, labeled_in_pool=labeled_in_pool,
+                            **options)
 
 
 def option_names() -> set[str]:

@@ -13,7 +13,8 @@ A(tau) = log(py_con ** tau + 1e-12), one step (temperature T, threshold = confid
 
 total = (L_x + L_x_b) + wu (L_u + L_u_b). An epoch is `epoch_steps` steps. In epochs after
 `est_epoch`, each step moves the estimated unlabeled distribution u_py (uniform at first) toward
-the histogram of the balanced head's confident pseudo-labels, u_py <- ema_u u_py + (1 - ema_u) hist,
+the histogram of the balanced head's confident pseudo-labels of the rows that are not labeled rows
+too (`labeled_in_pool`, by position), u_py <- ema_u u_py + (1 - ema_u) hist,
 and adds its symmetric KL distances to the consistent (py_con), uniform and reversed (py_con
 flipped) anchors to `count_KL`. At the start of an epoch after est_epoch,
 tau_now = tau1 exp(KL_con) / (exp(KL_con) + exp(KL_uni) + exp(KL_rev)) from the previous epoch's
@@ -47,6 +48,7 @@ class ACR(Method):
     views = ("strong2",)
     auxiliary_head = True
     needs_labeled_counts = True
+    needs_index = True  # the estimate leaves out the pool's rows that are labeled too
     options = {
         "tau1": Option(2.0, "the main head's pseudo-label adjustment strength at most (consistent unlabeled data); "
                        "adapted once per epoch after est_epoch", low=0, search={"uniform": [0.5, 3.0]}),
@@ -107,11 +109,20 @@ class ACR(Method):
             + global_mean(torch.cat([mask_balanced, mask_balanced])
                           * F.cross_entropy(strong_balanced, targets_h2.repeat(2), reduction="none"), collective))
 
-        self._estimate(balanced.argmax(dim=1), confident["balanced"])
+        self._estimate(balanced.argmax(dim=1), confident["balanced"] & self._truly_unlabeled(unlabeled_index))
         total = labeled + o["wu"] * unlabeled
         return MethodOutput(total=total, labeled=labeled, unlabeled=unlabeled, mask=mask,
                             stats={"acr/tau": self.state["tau_now"].detach().clone(),
                                    "acr/mask_balanced": global_mean(mask_balanced, collective).detach()})
+
+    def _truly_unlabeled(self, unlabeled_index: Tensor) -> Tensor:
+        """Which of the batch's unlabeled rows are not labeled rows too (the reference's targets != -2);
+        every row when the pool's labeled rows are not given."""
+        if self.labeled_in_pool is None:
+            return torch.ones_like(unlabeled_index, dtype=torch.bool)
+        if self.labeled_in_pool.device != unlabeled_index.device:
+            self.labeled_in_pool = self.labeled_in_pool.to(unlabeled_index.device)
+        return ~self.labeled_in_pool[unlabeled_index]
 
     def _epoch(self) -> Tensor:
         return torch.div(self.state["step"], self.config["epoch_steps"], rounding_mode="floor")

@@ -26,6 +26,8 @@ the step, the model and the evaluation read them, docs/method.md "What a method 
   mode, a batch of its own, before the step's forward) on one solid white image.
 - `needs_labeled_counts`: the method is built with the labeled set's class counts
   (`self.labeled_counts`, (C,) float64), e.g. for a prior that starts at the labeled distribution.
+  Every method may also be given `labeled_in_pool` (`self.labeled_in_pool`, (N,) bool or None):
+  which rows of the unlabeled pool are labeled rows too, by position (with `needs_index`).
 
 The further logits arrive as `step_losses(..., extras={name: logits})` (only for a method that
 asks for any). At evaluation `test_logits` turns the evaluated model's outputs into the logits
@@ -75,7 +77,8 @@ class MethodOutput:
 
 class Method:
     """The base of every method. A subclass sets `name`, `title`, `options` and writes
-    `initial_state` and `step_losses`; `needs_index` when it keeps a memory per unlabeled row,
+    `initial_state` and `step_losses`; `needs_index` when it reads its unlabeled rows by position
+    (a memory per row, or which rows are labeled too),
     `check` for a rule between its options; `views`, `auxiliary_head`, `solid_probe`,
     `needs_labeled_counts` and `test_logits` when it needs more than the three logits (see the
     module's docstring)."""
@@ -90,24 +93,24 @@ class Method:
     needs_labeled_counts: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, num_unlabeled: int = 0, collective: Collective | None = None,
-                 labeled_counts=None, **options):
-        self._setup(num_classes, num_unlabeled, collective, self.validate(options), labeled_counts)
+                 labeled_counts=None, *, labeled_in_pool=None, **options):
+        self._setup(num_classes, num_unlabeled, collective, self.validate(options), labeled_counts, labeled_in_pool)
 
     @classmethod
     def from_checked(cls, options: dict, num_classes: int, num_unlabeled: int = 0,
-                     collective: Collective | None = None, labeled_counts=None) -> Method:
+                     collective: Collective | None = None, labeled_counts=None, labeled_in_pool=None) -> Method:
         """The method with options a training config has already checked (`validate`'s output):
         they are not checked again."""
         method = cls.__new__(cls)
-        method._setup(num_classes, num_unlabeled, collective, dict(options), labeled_counts)
+        method._setup(num_classes, num_unlabeled, collective, dict(options), labeled_counts, labeled_in_pool)
         return method
 
     def _setup(self, num_classes: int, num_unlabeled: int, collective: Collective | None, config: dict,
-               labeled_counts=None) -> None:
+               labeled_counts=None, labeled_in_pool=None) -> None:
         if num_classes < 1:
             raise TrainConfigError(f"num_classes must be >= 1, got {num_classes}")
         if self.needs_index and num_unlabeled < 1:
-            raise TrainConfigError(f"method {self.name} keeps a memory per unlabeled row: num_unlabeled must be "
+            raise TrainConfigError(f"method {self.name} reads its unlabeled rows by position: num_unlabeled must be "
                                    f">= 1, got {num_unlabeled}")
         self.labeled_counts = None
         if labeled_counts is not None:
@@ -119,6 +122,12 @@ class Method:
         elif self.needs_labeled_counts:
             raise TrainConfigError(f"method {self.name} starts from the labeled class distribution: it needs "
                                    "labeled_counts, the labeled rows per class")
+        self.labeled_in_pool = None
+        if labeled_in_pool is not None:
+            self.labeled_in_pool = torch.as_tensor(labeled_in_pool, dtype=torch.bool).flatten()
+            if self.labeled_in_pool.shape != (num_unlabeled,):
+                raise TrainConfigError(f"labeled_in_pool must hold a flag per unlabeled row ({num_unlabeled}), "
+                                       f"got {tuple(self.labeled_in_pool.shape)}")
         self.num_classes, self.num_unlabeled = num_classes, num_unlabeled
         self.config = config
         self.collective = collective or LocalCollective()
@@ -197,7 +206,7 @@ class Method:
         Half-precision logits are computed in float32 (`step_losses` sees at least float32);
         the losses and the mask come back in the logits' dtype."""
         if self.needs_index and unlabeled_index is None:
-            raise ValueError(f"{self.name} keeps a memory per unlabeled row: losses() needs unlabeled_index")
+            raise ValueError(f"{self.name} reads its unlabeled rows by position: losses() needs unlabeled_index")
         out_dtype = logits_x.dtype
         work_dtype = torch.promote_types(out_dtype, torch.float32)
         logits_x, logits_weak, logits_strong = (z.to(work_dtype) for z in (logits_x, logits_weak, logits_strong))
