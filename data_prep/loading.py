@@ -40,6 +40,7 @@ class SSLArrays:
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: list[str]
+    unlabeled_also_labeled: np.ndarray | None = None  # bool per unlabeled row: the row is a labeled row too
 
     @property
     def num_classes(self) -> int:
@@ -81,6 +82,7 @@ def load_arrays(dataset, split, data_root=None, *, verify=True) -> SSLArrays:
         pool_images[unlabeled], pool_labels[unlabeled],
         pool_images[valid], pool_labels[valid],
         test_images, test_labels, list(info.meta["classes"]),
+        np.isin(split.unlabeled_indices, split.labeled_indices),
     )
 
 

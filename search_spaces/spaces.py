@@ -60,9 +60,13 @@ VARIANTS = {
     "freematch": {"method": "freematch"},
     "softmatch": {"method": "softmatch"},
     "debiaspl": {"method": "debiaspl"},
+    "simpro": {"method": "simpro"},
+    "cdmad": {"method": "cdmad"},
+    "acr": {"method": "acr"},
 }
 ABLATION = ("fixmatch", "cap", "cai", "cap_cai", "cadr")
-BASELINES = ("fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl")
+BASELINES = ("fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl", "simpro", "cdmad",
+             "acr")
 
 SPACES: dict[str, dict[str, Any]] = {
     "thresholds": {
@@ -102,7 +106,8 @@ DESCRIPTIONS = {
     "imbalance_unlabeled": "labeled and unlabeled imbalance ratios gamma_l, gamma_u",
     "loss_weights": "unlabeled loss weight, weight decay, CAP clip and prior momentum",
     "ablation": "the paper's ablation grid {FixMatch, +CAP, +CAI, +CAP+CAI, CADR} x 3 seeds",
-    "baselines": "CADR against the peer methods {FixMatch, CADR, FlexMatch, FreeMatch, SoftMatch, DebiasPL} x 3 seeds",
+    "baselines": "CADR against the peer methods {FixMatch, CADR, FlexMatch, FreeMatch, SoftMatch, DebiasPL, "
+                 "SimPro, CDMAD, ACR} x 3 seeds",
     "paper": "the paper's fixed configurations: FixMatch baseline and CADR at its defaults",
 }
 

@@ -17,21 +17,31 @@ from trainables.metrics import (
     per_class_accuracy,
     rows_name,
 )
-from trainables.step import TrainState, normalize, to_unit_float
+from trainables.step import TrainState, normalize, solid_image, to_unit_float
 
 
 @torch.no_grad()
-def predict(model, images, device, *, batch_size=1024, channels_last=True) -> torch.Tensor:
-    """Class predictions for uint8 NHWC images (numpy or tensor), in eval mode."""
+def predict(model, images, device, *, batch_size=1024, channels_last=True, method=None) -> torch.Tensor:
+    """Class predictions for uint8 NHWC images (numpy or tensor), in eval mode. With a `method`, from
+    its `test_logits` of the model's outputs (its auxiliary head, or the logits less those of a
+    solid white image, docs/method.md); else from the model's logits."""
     was_training = model.training
     model.eval()
     images = torch.as_tensor(images)
+    solid = None
+    if method is not None and method.solid_probe:
+        shape = images.shape[1:]
+        solid = model(solid_image(shape, device).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format))
     predictions = []
     for start in range(0, len(images), batch_size):
         batch = to_unit_float(images[start:start + batch_size].to(device))
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        predictions.append(model(normalize(batch)).argmax(dim=1))
+        logits = model(normalize(batch))
+        if method is not None:
+            logits = method.test_logits(logits, solid)
+        predictions.append(logits.argmax(dim=1))
     model.train(was_training)
     return torch.cat(predictions)
 
@@ -65,8 +75,8 @@ def evaluation_metrics(state: TrainState, config: TrainConfig, eval_sets: dict, 
     for split, (images, labels) in eval_sets.items():
         if len(labels) == 0:
             continue
-        result = evaluate(state.ema_model, images, labels, num_classes, device,
-                          batch_size=config.eval_batch_size, channels_last=config.channels_last)
+        result = evaluate(state.ema_model, images, labels, num_classes, device, batch_size=config.eval_batch_size,
+                          channels_last=config.channels_last, method=state.method)
         current.update({metric_name(split, measure): result[measure] for measure in MEASURES})
         metrics.update({class_metric_name(split, c): a for c, a in enumerate(result["per_class_accuracy"])})
         if split == "valid":

@@ -34,6 +34,7 @@ from trainables.evaluation import evaluation_metrics, progress_line
 from trainables.step import (
     TrainState,
     build_state,
+    images_per_step,
     resolve_device,
     train_step,
     use_flip,
@@ -56,6 +57,8 @@ class TrainData:
     num_classes: int
     image_shape: tuple
     eval_sets: dict = field(default_factory=dict)
+    labeled_counts: list | None = None  # labeled rows per class, across workers (methods that need them)
+    labeled_in_pool: np.ndarray | None = None  # (num_unlabeled,) bool: the pool's rows that are labeled too
 
     @classmethod
     def from_arrays(cls, arrays) -> "TrainData":
@@ -64,7 +67,9 @@ class TrainData:
                      "test": (arrays.test_images, arrays.test_labels)}
         return cls(arrays.labeled_images, arrays.labeled_labels, arrays.unlabeled_images,
                    np.arange(len(arrays.unlabeled_images)), len(arrays.unlabeled_images), arrays.num_classes,
-                   tuple(arrays.image_shape), eval_sets)
+                   tuple(arrays.image_shape), eval_sets,
+                   np.bincount(arrays.labeled_labels, minlength=arrays.num_classes).tolist(),
+                   arrays.unlabeled_also_labeled)
 
 
 class LocalCheckpoint:
@@ -107,7 +112,8 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
 
         collective = DistributedCollective()
     state = build_state(config, data.num_classes, data.image_shape, device, num_unlabeled=data.num_unlabeled,
-                        collective=collective)
+                        collective=collective, labeled_counts=data.labeled_counts,
+                        labeled_in_pool=data.labeled_in_pool)
     local_batch = config.batch_size // world_size
     state.samplers = {"labeled": EpochSampler(len(data.labeled_labels), local_batch, state.generator),
                       "unlabeled": EpochSampler(len(data.unlabeled_images), local_batch * config.mu, state.generator)}
@@ -163,14 +169,14 @@ def run_loop(config: TrainConfig, data: TrainData, context: LoopContext) -> Trai
         # this run finished): report the final state once, so the run still has a result.
         evaluate_and_report(RunningStats())
     running = RunningStats()
-    images_per_step = config.batch_size * (1 + 2 * config.mu)  # global
+    step_images = images_per_step(config, state.method)  # global
     while state.step < config.steps:
         labeled_rows = labeled_sampler.next().to(device)
         unlabeled_rows = unlabeled_sampler.next().to(device)
         stats = train_step(state, config, labeled_images[labeled_rows], labeled_labels[labeled_rows],
                            unlabeled_images[unlabeled_rows], unlabeled_positions[unlabeled_rows],
                            flip=flip, forward=forward)
-        running.add(stats, images_per_step)
+        running.add(stats, step_images)
         if state.step % config.eval_every == 0 or state.step == config.steps:
             evaluate_and_report(running)
             running = RunningStats()

@@ -6,7 +6,10 @@ logits of shape (N, num_classes), works in ``torch.channels_last`` memory format
 ``bn_momentum=0.001`` is FixMatch's TF decay 0.999 (running statistics move slowly).
 
 Adding a model is adding one constructor ``f(num_classes, in_channels, image_size, **kwargs)``
-to ``MODELS``.
+to ``MODELS``. Every model's classifier is its linear ``fc`` on the pooled features, so
+``create_model(..., auxiliary_head=True)`` can give any of them a second classifier on the same
+features (a method that trains two heads, docs/method.md): the logits are then (N, 2 num_classes),
+the main head's first.
 """
 
 from __future__ import annotations
@@ -185,15 +188,40 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+class TwoHeads(nn.Module):
+    """Two linear classifiers on the same features: (N, F) -> (N, 2C), the main head's logits first."""
+
+    def __init__(self, main: nn.Linear):
+        super().__init__()
+        self.main = main
+        self.auxiliary = nn.Linear(main.in_features, main.out_features, device=main.weight.device,
+                                   dtype=main.weight.dtype)
+        # A fresh head, initialised as ACR's WideResNet initialises its second one.
+        nn.init.xavier_normal_(self.auxiliary.weight)
+        nn.init.zeros_(self.auxiliary.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.main(features), self.auxiliary(features)], dim=1)
+
+
+def add_auxiliary_head(model: nn.Module) -> nn.Module:
+    """The model with a second classifier beside its linear ``fc`` (the head gets its own weights)."""
+    if not isinstance(getattr(model, "fc", None), nn.Linear):
+        raise TrainConfigError(f"{type(model).__name__} has no linear fc head to add an auxiliary head beside")
+    model.fc = TwoHeads(model.fc)
+    return model
+
+
 def list_models() -> list[str]:
     """The registered model names, sorted."""
     return sorted(MODELS)
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                 **kwargs) -> nn.Module:
+                 auxiliary_head: bool = False, **kwargs) -> nn.Module:
     """Build model ``name`` for (N, in_channels, image_size, image_size) inputs and
-    ``num_classes`` outputs. ``kwargs`` go to the constructor (e.g. ``bn_momentum``)."""
+    ``num_classes`` outputs (twice that with ``auxiliary_head``: `add_auxiliary_head`).
+    ``kwargs`` go to the constructor (e.g. ``bn_momentum``)."""
     if name not in MODELS:
         raise TrainConfigError(
             f"model: unknown model {name!r}; known models: {', '.join(list_models())}")
@@ -210,7 +238,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
                                             image_size=image_size, **kwargs)
     except TypeError as error:
         raise TrainConfigError(f"model {name!r}: {error}") from None
-    return constructor(num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    model = constructor(num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    return add_auxiliary_head(model) if auxiliary_head else model
 
 
 def weight_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -58,7 +58,8 @@ def quiet_ray_logs() -> None:
 
 def train_loop_per_worker(loop_config: dict) -> str | None:
     """Ray Train's per-worker entry point. loop_config: {"train": the TrainConfig,
-    "classes": int, "image_shape": [H, W, C], "num_unlabeled": int, "has_valid": bool,
+    "classes": int, "image_shape": [H, W, C], "num_unlabeled": int, "labeled_counts": [int],
+    "labeled_in_pool": bool array, "has_valid": bool,
     "tensorboard_dir": str | None, "torch_threads": int}. Returns the one line of a failure that
     would recur on a retry (Ray Train does not retry a worker group that returned), else None."""
     import ray.data
@@ -81,7 +82,8 @@ def train_loop_per_worker(loop_config: dict) -> str | None:
                 rows = _materialize(ray.train.get_dataset_shard(split), image_shape)
                 eval_sets[split] = (rows["image"], rows["label"])
         return TrainData(labeled["image"], labeled["label"], unlabeled["image"], unlabeled["position"],
-                         loop_config["num_unlabeled"], loop_config["classes"], image_shape, eval_sets)
+                         loop_config["num_unlabeled"], loop_config["classes"], image_shape, eval_sets,
+                         loop_config.get("labeled_counts"), loop_config.get("labeled_in_pool"))
 
     def report(metrics, checkpoint_dir):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -160,6 +162,8 @@ def fit(config: TrainConfig, resources: Resources = Resources(), *, storage_path
     loop_config = {
         "train": config, "classes": info.num_classes, "image_shape": list(info.image_shape),
         "has_valid": split.has_validation, "num_unlabeled": len(split.unlabeled_indices),
+        "labeled_counts": list(split.labeled_counts),
+        "labeled_in_pool": np.isin(split.unlabeled_indices, split.labeled_indices),
         "tensorboard_dir": _tensorboard_dir(storage_path, name) if tensorboard else None,
     }
     trainer = TorchTrainer(

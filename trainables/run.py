@@ -40,13 +40,20 @@ def build_parser():
             add_argument(parser, flag(name), declaration)
     methods = parser.add_argument_group("method (each option belongs to the methods named in its help)")
     methods.add_argument("--method", choices=sorted(METHODS), default=argparse.SUPPRESS, help="default: fixmatch")
-    owners = {}
+    owners: dict[str, list[tuple[Option, list[str]]]] = {}  # name -> [(a declaration, the methods declaring it)]
     for method in METHODS.values():
         for name, declaration in method.all_options().items():
-            owners.setdefault(name, (declaration, []))[1].append(method.name)
-    for name, (declaration, names) in owners.items():
-        which = "every method" if len(names) == len(METHODS) else ", ".join(names)
-        add_argument(methods, flag(name), declaration, help=f"{which}: {declaration.describe()}")
+            entries = owners.setdefault(name, [])
+            same = [names for known, names in entries if known == declaration]
+            if same:
+                same[0].append(method.name)
+            else:
+                entries.append((declaration, [method.name]))
+    for name, entries in owners.items():
+        # Methods may give one name their own meaning or default: each declaration is described.
+        texts = [f"{'every method' if len(names) == len(METHODS) else ', '.join(names)}: {declaration.describe()}"
+                 for declaration, names in entries]
+        add_argument(methods, flag(name), entries[0][0], help="; ".join(texts))
     ray_group = parser.add_argument_group("Ray")
     for name, declaration in {**Resources.options(), **RUN_OPTIONS}.items():
         add_argument(ray_group, flag(name), declaration, dest=f"run.{name}")

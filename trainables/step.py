@@ -1,8 +1,9 @@
 """The training step every runner uses, and the state it changes.
 
 Per step (docs/method.md): weak-augment the labeled batch, weak- and strong-augment the unlabeled
-batch, run ONE forward over the concatenation (batch-norm sees all of it), let the method compute
-its losses (and update its state), take an SGD step, update the EMA weights.
+batch (plus the further views a method asks for), run ONE forward over the concatenation
+(batch-norm sees all of it), let the method compute its losses (and update its state), take an
+SGD step, update the EMA weights.
 
 Nothing here synchronises with the host per step: statistics stay on the device until a caller
 reads them.
@@ -45,6 +46,20 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [-1, 1], the input range FixMatch's models expect."""
     return images * 2 - 1
+
+
+def solid_image(image_shape, device) -> torch.Tensor:
+    """One white image (every pixel 1 in [0, 1]) as the model sees it, normalised: (1, C, H, W) of ones."""
+    height, width, channels = image_shape
+    return normalize(torch.ones(1, channels, height, width, device=device))
+
+
+def images_per_step(config: TrainConfig, method: type[Method] | Method) -> int:
+    """Images in one step's forward over the global batch: labeled, weak and strong unlabeled,
+    and the further views the method asks for."""
+    labeled_views = 1 + ("labeled_strong" in method.views)
+    unlabeled_views = 2 + ("strong2" in method.views)
+    return config.batch_size * (labeled_views + config.mu * unlabeled_views)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -124,15 +139,18 @@ class TrainState:
 
 
 def build_state(config: TrainConfig, num_classes: int, image_shape, device, *, num_unlabeled: int = 0,
-                collective: Collective | None = None) -> TrainState:
+                collective: Collective | None = None, labeled_counts=None, labeled_in_pool=None) -> TrainState:
     """Model, EMA copy, SGD (Nesterov; weight decay on conv/linear weights only), schedule, and
-    the method (its options from the config, its state on `device`)."""
+    the method (its options from the config, its state on `device`; `labeled_counts`, the labeled
+    rows per class, and `labeled_in_pool`, which unlabeled rows are labeled too, for a method that
+    needs them)."""
     augment = Augmenter(config.augment)
     method = get_method(config.method.name).from_checked(config.method.options, num_classes, num_unlabeled,
-                                                        collective).to(device)
+                                                        collective, labeled_counts, labeled_in_pool).to(device)
     torch.manual_seed(config.seed)
     height, _, channels = image_shape
-    model = create_model(config.model, num_classes, in_channels=channels, image_size=height).to(device)
+    model = create_model(config.model, num_classes, in_channels=channels, image_size=height,
+                         auxiliary_head=method.auxiliary_head).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False)
@@ -173,25 +191,38 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
     never waits for the device.
     """
     forward = state.model if forward is None else forward  # a compiled module has no truth value
-    augment, generator = state.augment, state.generator
+    augment, generator, method = state.augment, state.generator, state.method
     labeled = to_unit_float(labeled_images)
     unlabeled = to_unit_float(unlabeled_images)
     labeled_view = augment("labeled", labeled, flip=flip, generator=generator)
-    weak_unlabeled = augment("weak", unlabeled, flip=flip, generator=generator)
-    strong_unlabeled = augment("strong", unlabeled, flip=flip, generator=generator)
+    views = {"x": labeled_view,
+             "weak": augment("weak", unlabeled, flip=flip, generator=generator),
+             "strong": augment("strong", unlabeled, flip=flip, generator=generator)}
+    if "labeled_strong" in method.views:
+        views["labeled_strong"] = augment("strong", labeled, flip=flip, generator=generator)
+    if "strong2" in method.views:
+        views["strong2"] = augment("strong", unlabeled, flip=flip, generator=generator)
 
-    batch = torch.cat([labeled_view, weak_unlabeled, strong_unlabeled])
+    extras = {}
+    if method.solid_probe:
+        extras["solid"] = _solid_logits(state, config, labeled_view)[:, :method.num_classes]
+    batch = torch.cat(list(views.values()))
     if config.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     with autocast(config, batch.device):
         logits = forward(normalize(batch))
     if logits.dtype in HALF:  # the method's losses and state stay fp32 whatever the model computes in
         logits = logits.float()
-    n_labeled, n_unlabeled = len(labeled), len(unlabeled)
-    logits_x, logits_weak, logits_strong = logits.split([n_labeled, n_unlabeled, n_unlabeled])
+    heads = {"": logits[:, :method.num_classes]}
+    if method.auxiliary_head:
+        heads["aux_"] = logits[:, method.num_classes:]
+    for prefix, head in heads.items():
+        extras.update({prefix + name: part for name, part in
+                       zip(views, head.split([len(view) for view in views.values()]))})
+    logits_x, logits_weak, logits_strong = (extras.pop(name) for name in ("x", "weak", "strong"))
 
     try:
-        out = state.method.losses(logits_x, labels, logits_weak, logits_strong, unlabeled_index)
+        out = method.losses(logits_x, labels, logits_weak, logits_strong, unlabeled_index, extras)
     except torch.linalg.LinAlgError:
         # CAP's pseudo-inverse is the first thing to fail on non-finite logits.
         raise TrainingDiverged(f"the logits became NaN or infinite at step {state.step + 1}; "
@@ -222,6 +253,19 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
 
 
 @torch.no_grad()
+def _solid_logits(state: TrainState, config: TrainConfig, like: torch.Tensor) -> torch.Tensor:
+    """The training model's logits on one solid white image, without gradient, in train mode, as
+    a batch of its own (its batch-norm statistics are the image's own, and move the running
+    statistics as any training forward does): CDMAD's measure of the classifier's bias."""
+    image = solid_image((like.shape[2], like.shape[3], like.shape[1]), like.device)
+    if config.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    with autocast(config, image.device):
+        logits = state.raw_model(image)
+    return logits.float() if logits.dtype in HALF else logits
+
+
+@torch.no_grad()
 def _update_ctaugment(state: TrainState, config: TrainConfig, labeled_view, labels, forward) -> None:
     """CTAugment learns which magnitudes keep labeled images recognisable: probe the labeled
     branch's images and update. Every worker updates from all workers' probes (in rank order), so
@@ -232,6 +276,7 @@ def _update_ctaugment(state: TrainState, config: TrainConfig, labeled_view, labe
     model.eval()
     with autocast(config, probe.device):
         logits = forward(normalize(probe))
+    logits = logits[:, :state.method.num_classes]  # the main head's, with an auxiliary head
     probs = F.softmax(logits.float() if logits.dtype in HALF else logits, dim=1)
     model.train()
     gather = state.method.collective.gather_rows

@@ -39,6 +39,16 @@ def test_load_arrays_follows_a_subset_pool_and_repeated_labeled_rows(synth):
     np.testing.assert_array_equal(arrays.unlabeled_labels, synth.train_labels[split.unlabeled_indices])
 
 
+def test_load_arrays_flags_the_unlabeled_rows_that_are_labeled_rows_too(synth):
+    split = load_split(synth.info, "synth_LT_10.1@60")
+    arrays = load_arrays("synth", "synth_LT_10.1@60", synth.root)
+    # The pool is the whole training set, in index order: its labeled rows are flagged, no others.
+    expected = np.zeros(len(synth.train_images), bool)
+    expected[split.labeled_indices] = True
+    np.testing.assert_array_equal(arrays.unlabeled_also_labeled, expected)
+    assert 0 < expected.sum() < len(expected)
+
+
 def test_stl10_pool_spans_train_and_unlabeled_rows_which_load_with_label_minus_1(tmp_path, stl10_source):
     info, _ = convert("stl10", stl10_source.path, tmp_path, chunk_size=2)
     save_split(info, make_split(info, SplitSpec("mcar", 3, size=10), "ten"))

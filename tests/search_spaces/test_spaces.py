@@ -45,7 +45,7 @@ def test_variants_name_a_method_and_its_options():
     assert VARIANTS["flexmatch"] == {"method": "flexmatch"}
     assert get_space("ablation")["variant"].values == ("fixmatch", "cap", "cai", "cap_cai", "cadr")
     assert get_space("baselines")["variant"].values == (
-        "fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl")
+        "fixmatch", "cadr", "flexmatch", "freematch", "softmatch", "debiaspl", "simpro", "cdmad", "acr")
 
 
 def test_combined_spaces_hold_every_parameter_of_each():

@@ -18,6 +18,8 @@ import torch
 
 LOGITS = ("zx", "zw", "zs")  # labeled, weak unlabeled and strong unlabeled logits of a batch
 OUTPUTS = ("total", "labeled", "unlabeled", "mask")
+LABELED_EXTRAS = ("labeled_strong", "aux_x")  # further logits with a row per labeled row
+SHARED_EXTRAS = ("solid",)  # further logits every worker gets whole (one row); the others follow the unlabeled rows
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,6 +87,19 @@ def random_batches(seed, steps, B, mu, C, scale, weak_shift=0.0, pool=None) -> l
     return [batch() for _ in range(steps)]
 
 
+def with_extras(batches, names, seed, scale) -> list[dict]:
+    """The batches with further logits named `names` (a method's `extra_logits`), normal times
+    `scale`: a row per labeled row for LABELED_EXTRAS, one row for SHARED_EXTRAS, a row per
+    unlabeled row for the others."""
+    rng = np.random.default_rng(seed)
+    for arrays in batches:
+        B, C = arrays["zx"].shape
+        for name in names:
+            rows = B if name in LABELED_EXTRAS else 1 if name in SHARED_EXTRAS else len(arrays["zw"])
+            arrays[name] = scale * rng.standard_normal((rows, C))
+    return batches
+
+
 def confident_balanced_batch(C) -> dict:
     """Two labeled rows and eight unlabeled ones, weak row k near-certain of class k % C:
     balanced classes, every row confident."""
@@ -95,11 +110,14 @@ def confident_balanced_batch(C) -> dict:
 
 
 def run_step(method, arrays, dtype=torch.float64) -> tuple:
-    """One step of `method` on a batch, its logits as fresh leaves of `dtype` (the positions too
-    where the method needs them): the output and the leaves, to read gradients from."""
-    leaves = {name: torch.tensor(arrays[name], dtype=dtype, requires_grad=True) for name in LOGITS}
-    index = (torch.tensor(arrays["index"]),) if method.needs_index else ()
-    out = method.losses(leaves["zx"], torch.tensor(arrays["y"]), leaves["zw"], leaves["zs"], *index)
+    """One step of `method` on a batch, its logits (and the further logits it asks for) as fresh
+    leaves of `dtype` (the positions too where the method needs them): the output and the leaves,
+    to read gradients from."""
+    names = (*LOGITS, *method.extra_logits())
+    leaves = {name: torch.tensor(arrays[name], dtype=dtype, requires_grad=True) for name in names}
+    index = torch.tensor(arrays["index"]) if method.needs_index else None
+    extras = {name: leaves[name] for name in method.extra_logits()}
+    out = method.losses(leaves["zx"], torch.tensor(arrays["y"]), leaves["zw"], leaves["zs"], index, extras)
     return out, leaves
 
 
@@ -191,9 +209,11 @@ def losses_on_workers(workers, arrays, leaves, labeled_rows, unlabeled_rows) -> 
     def worker(rank):
         own, own_unlabeled = labeled_rows[rank], unlabeled_rows[rank]
         method = workers[rank]
-        index = (torch.tensor(arrays["index"])[own_unlabeled],) if method.needs_index else ()
+        index = torch.tensor(arrays["index"])[own_unlabeled] if method.needs_index else None
+        extras = {name: leaves[name] if name in SHARED_EXTRAS else
+                  leaves[name][own if name in LABELED_EXTRAS else own_unlabeled] for name in method.extra_logits()}
         return method.losses(leaves["zx"][own], torch.tensor(arrays["y"])[own], leaves["zw"][own_unlabeled],
-                             leaves["zs"][own_unlabeled], *index)
+                             leaves["zs"][own_unlabeled], index, extras)
 
     with ThreadPoolExecutor(max_workers=len(workers)) as pool:
         return list(pool.map(worker, range(len(workers))))
@@ -204,8 +224,8 @@ def assert_workers_reproduce_one_process(single, workers, steps, labeled_rows, u
     """Workers, each on its own rows of every batch (see losses_on_workers), reproduce `single`
     on the whole batches: at every step each worker's losses and the workers' masks side by side
     within `tolerance`, each worker's state within `state_tolerance`, and the gradients that the
-    backward of worker 0's total sends to all rows of zx and zs within `tolerance`. Gives the
-    workers' outputs of each step."""
+    backward of worker 0's total sends to all rows of zx, zs and the further logits within
+    `tolerance`. Gives the workers' outputs of each step."""
     outputs = []
     for arrays in steps:
         expected, leaves = run_step(single, arrays)
@@ -216,10 +236,26 @@ def assert_workers_reproduce_one_process(single, workers, steps, labeled_rows, u
         torch.testing.assert_close(torch.cat([out.mask for out in outs]), expected.mask, **tolerance)
         for method in workers:
             assert_same_state(method, single, **state_tolerance)
-        inputs = [leaves["zx"], leaves["zs"]]
-        distributed = torch.autograd.grad(outs[0].total, inputs)
-        local = torch.autograd.grad(expected.total, inputs)
+        inputs = [leaves["zx"], leaves["zs"], *(leaves[name] for name in single.extra_logits())]
+        distributed = torch.autograd.grad(outs[0].total, inputs, allow_unused=True)
+        local = torch.autograd.grad(expected.total, inputs, allow_unused=True)
         for got, want in zip(distributed, local):
-            torch.testing.assert_close(got, want, **tolerance)
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, **tolerance)
         outputs.append(outs)
     return outputs
+
+
+def assert_two_workers_on_halves_reproduce_one_process(make_method, steps, state_tolerance=None) -> tuple[list, list]:
+    """Two workers, `make_method(collective)` each, on the halves of every batch (4 labeled rows,
+    12 unlabeled ones) reproduce `make_method(None)` on the whole batches (see
+    assert_workers_reproduce_one_process), and at some step the halves' masks differ (else a
+    per-worker statistic would pass too). Gives the workers and their outputs of each step."""
+    workers = [make_method(collective) for collective in threaded_collectives()]
+    outputs = assert_workers_reproduce_one_process(
+        make_method(None), workers, steps, labeled_rows=[slice(0, 2), slice(2, 4)],
+        unlabeled_rows=[slice(0, 6), slice(6, 12)], tolerance=dict(rtol=1e-10, atol=1e-12),
+        state_tolerance=state_tolerance or dict(rtol=1e-12, atol=1e-14))
+    assert any(outs[0].mask.sum() != outs[1].mask.sum() for outs in outputs)
+    return workers, outputs

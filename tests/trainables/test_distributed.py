@@ -42,7 +42,15 @@ CASES = {  # name: (training options: the method and its options, strong augment
     "freematch_quantile": (dict(method="freematch", ema_m=0.5, use_quantile=True, clip_thresh=True), "mirror"),
     "softmatch": (dict(method="softmatch", ema_m=0.5), "mirror"),
     "debiaspl": (dict(method="debiaspl", tau=0.4, qhat_m=0.5, confidence=0.6), "mirror"),
+    # The frontier methods add views to the forward (a strong labeled view, a second strong view);
+    # SimPro's priors move at the end of every 2-step epoch.
+    "simpro": (dict(method="simpro", tau=2.0, ema_u=0.5, confidence=0.6, epoch_steps=2), "mirror"),
+    # CDMAD's solid-image probe, from the second step (epoch 1 > debiasstart 0) on.
+    "cdmad": (dict(method="cdmad", confidence=0.6, debiasstart=0, epoch_steps=1), "mirror"),
+    # ACR's balanced auxiliary head; u_py estimated from the second step, tau adapted from the third.
+    "acr": (dict(method="acr", confidence=0.6, est_epoch=0, epoch_steps=1, ema_u=0.5), "mirror"),
 }
+LABELED_COUNTS = [5, 3, 2, 1]  # the labeled rows per class a method may start from
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # float64 shows the two runs compute the same function (they agree to ~1e-15); in float32 only
 # the summation order of the all-reduces differs (measured: <= 5e-7 on losses, <= 1e-6 on weights).
@@ -61,7 +69,7 @@ class TinyNet(nn.Module):
             self.fc.weight.mul_(6)  # confident enough that some pseudo-labels pass the thresholds
 
     def forward(self, x):
-        return self.fc(torch.tanh(self.conv(x.to(self.fc.weight.dtype))).flatten(1))
+        return self.fc(torch.tanh(self.conv(x.to(self.conv.weight.dtype))).flatten(1))
 
 
 def tiny_net(num_classes, in_channels=1, image_size=8):
@@ -124,7 +132,7 @@ def run_case(case, dtype_name, rank=0, world_size=1):
     config = case_config(case, dtype_name)
     collective = DistributedCollective() if world_size > 1 else None
     state = build_state(config, NUM_CLASSES, IMAGE_SHAPE, torch.device("cpu"), num_unlabeled=NUM_UNLABELED,
-                        collective=collective)
+                        collective=collective, labeled_counts=LABELED_COUNTS)
     state.augment = DeterministicAugmenter(rank, world_size, ctaugment=CASES[case][1] == "ctaugment")
     state.method.to(dtype=DTYPES[dtype_name])
     if world_size > 1:

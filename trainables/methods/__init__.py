@@ -8,16 +8,19 @@ Adding a method is one file with a `Method` subclass, registered in `METHODS` be
 """
 
 from trainables.errors import TrainConfigError
+from trainables.methods.acr import ACR
 from trainables.methods.base import COMMON_OPTIONS, Method, MethodOutput
+from trainables.methods.cdmad import CDMAD
 from trainables.methods.debiaspl import DebiasPL
 from trainables.methods.fixmatch import FixMatch
 from trainables.methods.flexmatch import FlexMatch
 from trainables.methods.freematch import FreeMatch
+from trainables.methods.simpro import SimPro
 from trainables.methods.softmatch import SoftMatch
 from trainables.options import Option
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL)
+    method.name: method for method in (FixMatch, FlexMatch, FreeMatch, SoftMatch, DebiasPL, SimPro, CDMAD, ACR)
 }
 
 
@@ -27,9 +30,13 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def create_method(name: str, num_classes: int, num_unlabeled: int = 0, collective=None, **options) -> Method:
-    """The method registered under `name`, with its options validated (wu among them)."""
-    return get_method(name)(num_classes, num_unlabeled, collective, **options)
+def create_method(name: str, num_classes: int, num_unlabeled: int = 0, collective=None, labeled_counts=None,
+                  labeled_in_pool=None, **options) -> Method:
+    """The method registered under `name`, with its options validated (wu among them);
+    `labeled_counts` (the labeled rows per class) for a method that needs them, `labeled_in_pool`
+    (which unlabeled rows are labeled too) for one that tells them apart."""
+    return get_method(name)(num_classes, num_unlabeled, collective, labeled_counts, labeled_in_pool=labeled_in_pool,
+                            **options)
 
 
 def option_names() -> set[str]:
