@@ -564,10 +564,15 @@ def test_a_bad_set_fails_before_ray_in_one_line(tmp_path, capsys, assignment, me
 def test_each_flag_says_its_default_once_and_no_bare_type_name(command):
     import importlib
 
+    from trainables.methods import METHODS
+
     parser = importlib.import_module(command).build_parser()
     for action in parser._actions:
         text = action.help or ""
-        assert text.count("(default:") <= 1, (action.option_strings, text)
+        # An option several methods declare says each method's default, one after another.
+        name = action.dest
+        declarations = sum(name in method.options for method in METHODS.values()) or 1
+        assert text.count("(default:") <= declarations, (action.option_strings, text)
         assert not any(bare in text for bare in ("a object", "(a str)", "; a str)")), (action.option_strings, text)
     if command == "study.launch":
         space = next(action for action in parser._actions if "--space" in action.option_strings)
