@@ -74,10 +74,14 @@ class ACR(Method):
         return {"u_py": self.state["u_py"]}
 
     def anchors(self, dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """The consistent (the labeled distribution), uniform and reversed class distributions."""
+        """The consistent (the labeled distribution), uniform and reversed class distributions,
+        made once per device and dtype (a copy to the device every step would wait for it)."""
         device = self.state["u_py"].device
-        consistent = (self.labeled_counts / self.labeled_counts.sum()).to(device=device, dtype=dtype)
-        return consistent, torch.full_like(consistent, 1.0 / self.num_classes), consistent.flip(0)
+        made = self.__dict__.setdefault("_anchors", {})
+        if (device, dtype) not in made:
+            consistent = (self.labeled_counts / self.labeled_counts.sum()).to(device=device, dtype=dtype)
+            made[device, dtype] = (consistent, torch.full_like(consistent, 1.0 / self.num_classes), consistent.flip(0))
+        return made[device, dtype]
 
     def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index, extras) -> MethodOutput:
         o, collective, dtype = self.config, self.collective, logits_x.dtype

@@ -74,10 +74,16 @@ class SimPro(Method):
         return {"pi": self.state["pi"], "pi_u": self.state["pi_u"]}
 
     def scale_ratio(self, labeled_rows: int, unlabeled_rows: int, like: Tensor) -> Tensor:
-        """Unlabeled over labeled batches per pass over each set, at the global batch."""
-        batch, unlabeled_batch = self.collective.sum(like.new_tensor([float(labeled_rows), float(unlabeled_rows)]))
-        labeled_total = float(self.labeled_counts.sum())
-        return batches_per_pass(self.num_unlabeled, unlabeled_batch) / batches_per_pass(labeled_total, batch)
+        """Unlabeled over labeled batches per pass over each set, at the global batch: summed over
+        the workers once per batch shape, not every step (a copy to the device and a collective)."""
+        made = self.__dict__.setdefault("_scale_ratio", {})
+        key = (labeled_rows, unlabeled_rows, like.device, like.dtype)
+        if key not in made:
+            batch, unlabeled_batch = self.collective.sum(like.new_tensor([float(labeled_rows),
+                                                                          float(unlabeled_rows)]))
+            labeled_total = float(self.labeled_counts.sum())
+            made[key] = batches_per_pass(self.num_unlabeled, unlabeled_batch) / batches_per_pass(labeled_total, batch)
+        return made[key]
 
     def step_losses(self, logits_x, labels, logits_weak, logits_strong, unlabeled_index, extras) -> MethodOutput:
         tau, collective, dtype = self.config["tau"], self.collective, logits_x.dtype
