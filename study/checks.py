@@ -173,7 +173,8 @@ def _checked_compare(config: StudyConfig) -> dict:
     if search.storage is not None:
         _check_optuna_storage(config)
     try:
-        config.split_spec()
+        for params in split_parameters(config, {}):  # stage 2's shapes, or the base split
+            config.split_spec(params)
         spaces = method_spaces(config)
         for space in spaces.values():
             validate_space(space)
@@ -200,6 +201,7 @@ def planned_trials(config: StudyConfig, space: dict) -> int:
     """Trials of the study; `space` is checked()'s (grid repeats are already its seeds)."""
     if config.compare.methods:
         compare = config.compare
-        return len(compare.methods) * (compare.trials_per_method + 2 * len(compare.confirm_seeds))
+        confirmed = (1 + compare.confirm_defaults) * len(compare.confirm_seeds) * max(1, len(compare.unlabeled))
+        return len(compare.methods) * (compare.trials_per_method + confirmed)
     searched = grid_size(space) if config.search.algorithm == "grid" else config.search.num_samples
     return searched + len(config.search.fixed_points)

@@ -99,10 +99,15 @@ def stage_one_winners(config: StudyConfig, study_dir: str, spaces: dict, grids: 
 
 
 def confirmation_points(config: StudyConfig, spaces: dict, winners: dict) -> list[dict]:
-    """Every method's defaults and winner, each with every confirmation seed."""
-    points = []
+    """Every method's winner (and its defaults, unless compare.confirm_defaults is off), each with
+    every confirmation seed, on every shape of compare.unlabeled (none: the base split)."""
+    compare, points = config.compare, []
+    shapes = [{"unlabeled": shape} for shape in compare.unlabeled] or [{}]
     for method, space in spaces.items():
-        for kind, values in ((DEFAULTS, defaults_point(config, method, space)), (TUNED, winners[method]["params"])):
-            points += [{"label": f"{method} {kind}", "stage": CONFIRM, "config": kind, "variant": method,
-                        "seed": seed, **values} for seed in config.compare.confirm_seeds]
+        kinds = ((DEFAULTS, defaults_point(config, method, space)),) if compare.confirm_defaults else ()
+        for kind, values in (*kinds, (TUNED, winners[method]["params"])):
+            for shape in shapes:
+                label = " ".join([method, kind, *shape.values()])
+                points += [{"label": label, "stage": CONFIRM, "config": kind, "variant": method, **shape,
+                            "seed": seed, **values} for seed in compare.confirm_seeds]
     return points

@@ -124,6 +124,10 @@ class CompareConfig(Declared):
                                     low=1)
     confirm_seeds: list = option([100, 101, 102], "stage 2: training seeds every method's winner and defaults run "
                                  "with, the same for every method (never the search's seed)")
+    confirm_defaults: bool = option(True, "stage 2 also runs each method's reference defaults (false: only the "
+                                    "tuned winners, so no method runs untuned)")
+    unlabeled: list = option([], "stage 2 on these unlabeled shapes, each its own split (stage 1 searches on the "
+                             "base split's shape, which must be one of them); empty: the base split only")
 
     def check(self):
         if len(set(map(str, self.methods))) != len(self.methods):
@@ -136,6 +140,11 @@ class CompareConfig(Declared):
             raise StudyError(f"compare.confirm_seeds must be whole numbers, got {self.confirm_seeds}")
         if len(set(self.confirm_seeds)) != len(self.confirm_seeds):
             raise StudyError(f"compare.confirm_seeds repeats a seed: {self.confirm_seeds}")
+        unknown = [shape for shape in self.unlabeled if shape not in UNLABELED_SHAPES]
+        if unknown:
+            raise StudyError(f"compare.unlabeled: unknown shape {unknown[0]!r} (known: {', '.join(UNLABELED_SHAPES)})")
+        if len(set(self.unlabeled)) != len(self.unlabeled):
+            raise StudyError(f"compare.unlabeled names a shape twice: {self.unlabeled}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,10 @@ class StudyConfig(Declared):
                                   "group name", kind=str)
     search: SearchConfig = section(SearchConfig)
     compare: CompareConfig = section(CompareConfig)
+    # Options of a method the train section does not run, e.g. the epoch length of methods that
+    # count in epochs, for a study whose trials run several methods.
+    method_options: dict = option({}, "{method: {option: value}}: set for every trial that runs that method (its "
+                                  "search starts from them too), e.g. {acr: {epoch_steps: 50}}")
     scheduler: SchedulerConfig = section(SchedulerConfig)
     resources: StudyResources = section(StudyResources)
     address: str | None = option(None, "Ray cluster address (default: start a local Ray)", kind=str)
@@ -214,6 +227,17 @@ class StudyConfig(Declared):
             raise StudyError(f"space must be a named space or a mapping of parameters, got {self.space!r}")
         if (self.train.dataset, self.train.data_root) != (self.dataset, self.data_root):
             raise StudyError("the train section's dataset and data_root are the study's: set them at the top level")
+        if self.compare.unlabeled and self.split.unlabeled not in self.compare.unlabeled:
+            raise StudyError(f"compare.unlabeled: stage 1 searches on the base split, so split.unlabeled must be one "
+                             f"of {', '.join(self.compare.unlabeled)} (got {self.split.unlabeled})")
+        for method, options in self.method_options.items():
+            if not isinstance(options, dict):
+                raise StudyError(f"method_options.{method} must be a mapping of that method's options, got "
+                                 f"{options!r}")
+            try:
+                self.train.with_values({"method": method, **options})
+            except TrainConfigError as exc:
+                raise StudyError(f"method_options.{method}: {exc}") from None
         sweeps_shape = isinstance(self.space, dict) and "unlabeled" in self.space
         if self.split.n_max_u is not None and self.split.unlabeled is None and not sweeps_shape:
             raise StudyError("split.n_max_u sizes an unlabeled shape: set split.unlabeled, or sweep unlabeled in the "
@@ -285,7 +309,8 @@ class StudyConfig(Declared):
         (a variant becomes its method and options), checked once. A trial that runs another
         method than the base starts from that method's defaults."""
         values = {**trial_overrides(params or {}), "split": self.split_spec(params).default_name(self.dataset)}
-        return self.train.with_values(values)
+        method = values.get("method", self.train.method.name)
+        return self.train.with_values({**self.method_options.get(method, {}), **values})
 
 
 def trial_overrides(params: dict) -> dict:

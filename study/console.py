@@ -53,7 +53,9 @@ def compare_budget(config) -> str:
     return (f"compare {len(compare.methods)} methods ({', '.join(compare.methods)}), each with the same budget: "
             f"stage 1 {compare.trials_per_method} trials ({config.search.algorithm}, its reference defaults first) "
             f"of {config.train.steps} steps, scheduler {config.scheduler.name}, split {split}; "
-            f"stage 2 its winner and its defaults with seeds {', '.join(map(str, compare.confirm_seeds))}: "
+            f"stage 2 its winner{' and its defaults' if compare.confirm_defaults else ''} with seeds "
+            f"{', '.join(map(str, compare.confirm_seeds))}"
+            f"{' on the unlabeled shapes ' + ', '.join(compare.unlabeled) if compare.unlabeled else ''}: "
             f"{planned_trials(config, {})} trials in all")
 
 

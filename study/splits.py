@@ -36,10 +36,14 @@ def prepare_splits(config: StudyConfig, space: dict) -> dict:
 def split_parameters(config: StudyConfig, space: dict) -> list[dict]:
     """Every combination of the split parameters the space sweeps (SPLIT_PARAMETERS: gamma_l,
     gamma_u, unlabeled), each a trial's params for `config.split_spec`, in the space's value order;
-    [{}] (the base split) when it sweeps none."""
+    [{}] (the base split) when it sweeps none. A compare study's stage 2 adds one per shape of
+    `compare.unlabeled` (the base split is one of them)."""
     swept = [name for name in SPLIT_PARAMETERS if name in space]
-    if swept and config.split.kind != "lt":
-        raise StudyError(f"sweeping {' / '.join(swept)} needs split.kind: lt")
+    shapes = config.compare.unlabeled if config.compare.methods else []
+    if (swept or shapes) and config.split.kind != "lt":
+        raise StudyError(f"sweeping {' / '.join(swept) or 'compare.unlabeled'} needs split.kind: lt")
+    if shapes:
+        return [{"unlabeled": shape} for shape in shapes]
     return [dict(zip(swept, values)) for values in itertools.product(*(space[name].values for name in swept))]
 
 

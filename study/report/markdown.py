@@ -1,5 +1,5 @@
 """report.md: how the winner was chosen, the verdict against the baseline, a compare study's
-comparison, the trials table and the over-seeds table."""
+comparison (and its unlabeled shapes), the trials table and the over-seeds table."""
 
 import math
 from pathlib import Path
@@ -7,6 +7,7 @@ from pathlib import Path
 from study.report.cells import cell, md_row, mean_std, percent, seconds
 from study.report.comparison import RESAMPLES
 from study.report.ranking import TAIL_CLASSES, GroupSummary, Report
+from study.report.shapes import GM
 from study.report.trials import TrialRecord
 from study.tune_files import GENERIC_LABELS
 from trainables.metrics import MEASURES, metric_name, on_split
@@ -153,6 +154,8 @@ def format_markdown(report: Report) -> str:
         lines += ["", f"No trial of the baseline ({report.baseline_name}) has results: nothing to compare with."]
     if report.comparison is not None:
         lines += ["", *format_comparison(report)]
+    if report.shapes is not None:
+        lines += ["", *format_shapes(report)]
     lines += ["", "## Trials", "", format_table(report)]
     if report.groups:
         lines += ["", "## Over seeds", "", format_groups(report), "",
@@ -181,19 +184,24 @@ def format_comparison(report: Report) -> list[str]:
     comparison, config = report.comparison, report.study.get("config", {})
     compare, leader = config.get("compare", {}), report.comparison.leader
     seeds = ", ".join(map(str, comparison.seeds))
+    defaults = compare.get("confirm_defaults", True)
+    shape = (config.get("split") or {}).get("unlabeled") if compare.get("unlabeled") else None
     lines = ["## Comparison", "",
              f"Every method had the same budget: {compare.get('trials_per_method')} stage-1 trials "
              f"({config.get('search', {}).get('algorithm')}, its reference defaults first) of "
              f"{config.get('train', {}).get('steps')} steps on the same split, scheduler "
              f"{config.get('scheduler', {}).get('name')}; each selected on {comparison.metric}. Stage 2 ran each "
-             f"method's winner (tuned) and its reference defaults with the seeds {seeds}, the same for every "
-             "method. Test numbers: medians of the last 10 evaluations, mean ± std over the seeds [95% CI].", ""]
+             f"method's winner (tuned){' and its reference defaults' if defaults else ''} with the seeds {seeds}, "
+             "the same for every method"
+             + (f"; here on the {shape} unlabeled shape stage 1 searched on (every shape: the next section)" if shape
+                else "")
+             + ". Test numbers: medians of the last 10 evaluations, mean ± std over the seeds [95% CI].", ""]
     measures = [(metric_name("test", m, "median_10"), _short(metric_name("test", m, "median_10"))) for m in MEASURES]
     header = ["method", "config", "tuned values", f"stage-1 best {_short(comparison.metric)}",
               f"{_short(comparison.metric)} (mean)", *(short for _, short in measures), "selection stable"]
     lines += [md_row(header), md_row(["---"] * len(header))]
     for method in comparison.methods:
-        for kind in ("defaults", "tuned"):
+        for kind in ("defaults", "tuned") if defaults else ("tuned",):
             intervals = method.intervals[kind]
             tuned = kind == "tuned"
             values = ", ".join(f"{k}={cell(v)}" for k, v in (method.winner.params.items() if method.winner else [])
@@ -231,13 +239,47 @@ def format_comparison(report: Report) -> list[str]:
     return lines
 
 
-def _interval(interval, signed: bool = False) -> str:
+def format_shapes(report: Report) -> list[str]:
+    """The "Across unlabeled shapes" section: each method's tuned configuration on every shape, and
+    each against the shape's leader."""
+    across, config = report.shapes, report.study.get("config", {})
+    base = (config.get("split") or {}).get("unlabeled")
+    shapes = [result.shape for result in across.shapes]
+    lines = ["## Across unlabeled shapes", "",
+             f"Stage 2 also ran every method's tuned configuration (searched on the {base} shape) on each unlabeled "
+             f"shape with the seeds {', '.join(map(str, across.seeds))}: the same labeled and validation rows, a pool "
+             "of another class distribution (docs/method.md, \"Unlabeled shapes\"). Test GM, median of the last 10 "
+             "evaluations, mean over the seeds [95% CI]; in bold each shape's leader, the best mean "
+             f"{across.metric} (chosen on validation, not on test).", "",
+             md_row(["method", *shapes]), md_row(["---"] * (len(shapes) + 1))]
+    for name, label in across.methods.items():
+        cells = []
+        for result in across.shapes:
+            text = _interval(result.intervals[name][GM], brief=True)
+            cells.append(f"**{text}**" if result.leader == name else text)
+        lines.append(md_row([label, *cells]))
+    lines += ["", "Each method against the shape's leader: leader minus method in test GM, mean over the paired "
+              "seeds [95% CI]; * where the interval excludes 0 (the leader is ahead), else a tie within the noise of "
+              "the seeds.", "", md_row(["method", *shapes]), md_row(["---"] * (len(shapes) + 1))]
+    for name, label in across.methods.items():
+        lines.append(md_row([label, *("leader" if result.leader == name else
+                                      _pair(result.differences[name]) if name in result.differences else "–"
+                                      for result in across.shapes)]))
+    leaders = ", ".join(f"{result.shape}: {across.methods[result.leader]}" for result in across.shapes
+                        if result.leader)
+    if leaders:
+        lines += ["", f"Leaders: {leaders}."]
+    return lines
+
+
+def _interval(interval, signed: bool = False, brief: bool = False) -> str:
     if not interval.n:
         return "–"
     sign = "+" if signed else ""
     text = f"{100 * interval.mean:{sign}.1f}"
     if interval.n > 1:
-        text += f" ± {100 * interval.std:.1f} [{100 * interval.low:{sign}.1f}, {100 * interval.high:{sign}.1f}]"
+        spread = "" if brief else f" ± {100 * interval.std:.1f}"
+        text += f"{spread} [{100 * interval.low:{sign}.1f}, {100 * interval.high:{sign}.1f}]"
     return text
 
 

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from study.errors import StudyError
 from study.report.ranking import Report
+from study.report.shapes import GM
 from study.storage import WRITE_AGAIN, write_bytes
 from trainables.metrics import metric_name
 
@@ -29,6 +30,8 @@ def write_plots(report: Report) -> list[Path]:
     written.append(_save(_history_figure(report), plots / "history.png"))
     if report.comparison is not None:
         written.append(_save(_comparison_figure(report), plots / "comparison_gm.png"))
+    if report.shapes is not None:
+        written.append(_save(_shapes_figure(report), plots / "shapes_gm.png"))
     for name in report.swept:
         figure = _param_figure(report, name)
         if figure is not None:
@@ -54,6 +57,29 @@ def _comparison_figure(report: Report) -> Figure:
     axes.set_ylabel("test GM, median of the last 10 (%)")
     axes.set_title(f"Over seeds {', '.join(map(str, comparison.seeds))}: mean and 95% CI")
     axes.legend()
+    return figure
+
+
+def _shapes_figure(report: Report) -> Figure:
+    """Test GM (median of the last 10) per unlabeled shape, a bar per method's tuned configuration:
+    the mean over the confirmation seeds with its 95% confidence interval."""
+    across = report.shapes
+    methods = list(across.methods)
+    figure = Figure(figsize=(max(6.0, 0.25 * len(methods) * len(across.shapes) + 3), 4), layout="constrained")
+    axes = figure.subplots()
+    width = 0.8 / len(methods)
+    for k, name in enumerate(methods):
+        intervals = [result.intervals[name][GM] for result in across.shapes]
+        means = [100 * i.mean if i.n else 0.0 for i in intervals]
+        errors = [[100 * (i.mean - i.low) if i.n > 1 else 0.0 for i in intervals],
+                  [100 * (i.high - i.mean) if i.n > 1 else 0.0 for i in intervals]]
+        axes.bar([s - 0.4 + width * (k + 0.5) for s in range(len(intervals))], means, width, yerr=errors,
+                 capsize=2, label=across.methods[name])
+    axes.set_xticks(range(len(across.shapes)), [result.shape for result in across.shapes])
+    axes.set_xlabel("unlabeled shape")
+    axes.set_ylabel("test GM, median of the last 10 (%)")
+    axes.set_title(f"Tuned, over seeds {', '.join(map(str, across.seeds))}: mean and 95% CI")
+    axes.legend(fontsize="small", ncols=min(len(methods), 5))
     return figure
 
 

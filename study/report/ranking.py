@@ -13,6 +13,7 @@ from study.directory import read_study_json
 from study.errors import StudyError
 from study.report.cells import cell
 from study.report.comparison import Comparison, build_comparison
+from study.report.shapes import AcrossShapes, build_across_shapes, trial_shape
 from study.report.trials import FLAGS, STATUSES, UNFINISHED, TrialRecord, load_trials
 from study.tune_files import WINNERS_FILE, compare_experiments
 from trainables.errors import TrainConfigError
@@ -58,6 +59,7 @@ class Report:
     groups: list[GroupSummary]  # best first; [] unless some configuration ran with several seeds
     baseline_name: str | None = "fixmatch"  # the study's `baseline`: a trial label, variant or group
     comparison: Comparison | None = None  # a compare study's verdict (study/report/comparison.py)
+    shapes: AcrossShapes | None = None  # its stage 2 on several unlabeled shapes (study/report/shapes.py)
 
     def is_baseline(self, trial: TrialRecord) -> bool:
         """The study's `baseline` names the trial's label, its group (variant or method), or the
@@ -172,13 +174,17 @@ def build_report(study_dir) -> Report:
     baseline = config.baseline if config else study.get("config", {}).get("baseline", "fixmatch")
     # A compare study is summarised over seeds by its own section (study/report/comparison.py).
     groups = [] if experiments else _groups(ranked, metric, mode, _grid_parameters(study))
-    comparison = None
+    comparison = shapes = None
     if experiments:
-        compare = study["config"]["compare"]
-        comparison = build_comparison(trials, compare["methods"], metric, mode, compare.get("confirm_seeds", []),
-                                      _confirmed_winners(study_dir))
+        compare, base = study["config"]["compare"], (study["config"].get("split") or {}).get("unlabeled")
+        seeds = compare.get("confirm_seeds", [])
+        # The verdict is the base split's, the one stage 1 searched on; other shapes have their own section.
+        on_base = [t for t in trials if trial_shape(t, base) == base]
+        comparison = build_comparison(on_base, compare["methods"], metric, mode, seeds, _confirmed_winners(study_dir))
+        if compare.get("unlabeled"):
+            shapes = build_across_shapes(trials, compare["methods"], compare["unlabeled"], metric, mode, seeds)
     return Report(study_dir, study.get("name", study_dir.name), study, metric, mode, ranked,
-                  _param_columns(trials, study.get("swept", [])), groups, baseline, comparison)
+                  _param_columns(trials, study.get("swept", [])), groups, baseline, comparison, shapes)
 
 
 def _confirmed_winners(study_dir: Path) -> dict:
