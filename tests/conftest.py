@@ -1,6 +1,7 @@
 """Helpers shared by the test packages (e.g. tensorboard_events) import by plain name; fixtures
 shared by every package."""
 
+import os
 import subprocess
 import sys
 import time
@@ -35,7 +36,18 @@ def ray_address(tmp_path_factory):
         while not address.exists() and head.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert address.exists(), f"the module's Ray did not start (exit code {head.poll()})"
-        yield address.read_text()
+        # It has Ray's token authentication (on by default for a new local Ray), and a driver
+        # that joins a cluster by its address sends the token only when told to: the launchers
+        # inherit this, whatever tests ran in this process before.
+        saved = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            yield address.read_text()
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_AUTH_MODE")
+            else:
+                os.environ["RAY_AUTH_MODE"] = saved
     finally:
         head.stdin.close()  # the head's driver exits, and its Ray with it
         try:

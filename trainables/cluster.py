@@ -27,7 +27,14 @@ def connect(address: str | None = None) -> bool:
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, include_dashboard=True)
+        try:
+            ray.init(address=address, include_dashboard=True)
+        except ConnectionError as exc:
+            auth = os.environ.get("RAY_AUTH_MODE", "not set")
+            raise TrainConfigError(f"cannot join the Ray cluster at {address} ({' '.join(str(exc).split())[:200]}); "
+                                   "check the address, and for a cluster with token authentication (Ray's default) "
+                                   f"set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
+                                   f"(RAY_AUTH_MODE is {auth})") from None
         return False
     from ray._private import ray_constants
 

@@ -255,13 +255,17 @@ def train_step(state: TrainState, config: TrainConfig, labeled_images, labels, u
 @torch.no_grad()
 def _solid_logits(state: TrainState, config: TrainConfig, like: torch.Tensor) -> torch.Tensor:
     """The training model's logits on one solid white image, without gradient, in train mode, as
-    a batch of its own (its batch-norm statistics are the image's own, and move the running
-    statistics as any training forward does): CDMAD's measure of the classifier's bias."""
+    a batch of its own (its batch-norm statistics are the image's own): CDMAD's measure of the
+    classifier's bias. The running statistics are left as they were (docs/method.md, CDMAD)."""
     image = solid_image((like.shape[2], like.shape[3], like.shape[1]), like.device)
     if config.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
+    model = state.raw_model
+    kept = [(buffer, buffer.clone()) for buffer in model.buffers()]
     with autocast(config, image.device):
-        logits = state.raw_model(image)
+        logits = model(image)
+    for buffer, before in kept:
+        buffer.copy_(before)
     return logits.float() if logits.dtype in HALF else logits
 
 

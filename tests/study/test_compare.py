@@ -47,6 +47,14 @@ def _config(tmp_path, **sections) -> str:
     ({"space": {"ema_m": {"uniform": [0.9, 0.99]}}},
      "compare.methods fixmatch: space parameter ema_m=0.9 would fail in training with variant fixmatch: ema_m: not an "
      "option of method fixmatch"),
+    ({"compare": {**TINY["compare"], "unlabeled": ["uniform", "sideways"]}},
+     "compare.unlabeled: unknown shape 'sideways' (known: consistent, uniform, reversed, middle, head-tail)"),
+    ({"compare": {**TINY["compare"], "unlabeled": ["uniform", "reversed"]}},
+     "compare.unlabeled: stage 1 searches on the base split, so split.unlabeled must be one of uniform, reversed "
+     "(got None)"),
+    ({"method_options": {"acr": {"epoch_steps": 0}}}, "method_options.acr: epoch_steps must be >= 1, got 0"),
+    ({"method_options": {"acr": {"cai_beta": 0.5}}}, "method_options.acr: cai_beta: not an option of method acr"),
+    ({"method_options": {"nomatch": {}}}, "method_options.nomatch: method must be one of"),
 ])
 def test_a_compare_study_that_cannot_be_fair_fails_before_ray(tmp_path, capsys, sections, message):
     assert main(["--config", _config(tmp_path, **sections), "--storage", str(tmp_path)]) == 2
@@ -65,6 +73,31 @@ def test_the_plan_prints_the_same_budget_for_every_method(tmp_path, capsys):
             "reference defaults first) of 20 steps, scheduler none, split digits_LT_10.1@20-100; stage 2 its winner "
             "and its defaults with seeds 100, 101: 12 trials in all") in out
     assert "  freematch searches: lr log-uniform [0.01, 0.1]; wu log-uniform [0.3, 3]; 1-ema_m log-uniform " in out
+
+
+def test_stage_two_on_unlabeled_shapes_runs_each_winner_on_every_shape_and_seed_and_no_defaults():
+    from study.checks import planned_trials
+    from study.compare import confirmation_points
+    from study.config import StudyConfig
+    from study.splits import split_parameters
+
+    raw = {**json.loads(json.dumps(TINY)), "method_options": {"acr": {"epoch_steps": 25}}}
+    raw["split"] |= {"unlabeled": "consistent", "n_max_u": 40}
+    raw["compare"] |= {"methods": ["cadr", "acr"], "confirm_defaults": False, "unlabeled": ["consistent", "reversed"]}
+    config = StudyConfig.from_dict(raw)
+    winners = {"cadr": {"params": {"lr": 0.05}}, "acr": {"params": {"tau1": 1.5}}}
+    points = confirmation_points(config, {"cadr": {}, "acr": {}}, winners)
+    assert points == [{"label": f"{method} tuned {shape}", "stage": "confirm", "config": "tuned", "variant": method,
+                       "unlabeled": shape, "seed": seed, **winners[method]["params"]}
+                      for method in ("cadr", "acr") for shape in ("consistent", "reversed") for seed in (100, 101)]
+    assert planned_trials(config, {}) == 2 * (2 + 2 * 2)
+    assert split_parameters(config, {}) == [{"unlabeled": "consistent"}, {"unlabeled": "reversed"}]
+    # Each point trains on its shape's split, ACR with the study's epoch length, CADR untouched by it.
+    acr = config.train_config(points[-1])
+    assert (acr.split, acr.method.options["epoch_steps"], acr.method.options["tau1"]) == \
+        ("digits_LT_10_reversed_u10_m40.1@20-100", 25, 1.5)
+    assert config.train_config(points[0]).split == "digits_LT_10_consistent_u10_m40.1@20-100"
+    assert "epoch_steps" not in config.train_config(points[0]).method.options
 
 
 # --- the verdict's numbers ------------------------------------------------------------------------
@@ -138,11 +171,50 @@ def test_among_stage_one_trials_tied_on_validation_the_winner_is_the_one_the_stu
     assert unrecorded.leader.winner.trial_id in ("a2", "a3")
 
 
+def test_across_shapes_each_shape_leads_on_validation_and_every_method_is_paired_with_its_leader():
+    from scipy import stats
+
+    from study.report.shapes import build_across_shapes
+
+    def confirmed(method, shape, seed, valid, gm):
+        trial = _trial(f"{method}-{shape}-{seed}", method, "confirm", valid, gm, config="tuned", seed=seed)
+        trial.params["unlabeled"] = shape
+        return trial
+
+    # (valid, test GM) by seed: on reversed ACR leads on validation though CADR's test GM is higher.
+    runs = {("cadr", "consistent"): ((0.9, 0.80), (0.8, 0.84), (0.85, 0.83)),
+            ("acr", "consistent"): ((0.6, 0.70), (0.5, 0.75), (0.55, 0.71)),
+            ("cadr", "reversed"): ((0.5, 0.66), (0.5, 0.61), (0.5, 0.70)),
+            ("acr", "reversed"): ((0.7, 0.60), (0.7, 0.62), (0.7, 0.50))}
+    trials = [confirmed(method, shape, seed, valid, gm) for (method, shape), values in runs.items()
+              for seed, (valid, gm) in zip((100, 101, 102), values)]
+    trials.append(_trial("s1", "acr", "search", 0.99, 0.99))  # stage 1: not a shape's number
+    across = build_across_shapes(trials, ["cadr", "acr"], ["consistent", "reversed", "uniform"], METRIC, "max",
+                                 [100, 101, 102])
+    consistent, reversed_, uniform = across.shapes
+    assert (consistent.leader, reversed_.leader, uniform.leader) == ("cadr", "acr", None)
+    for result, leader, other in ((consistent, "cadr", "acr"), (reversed_, "acr", "cadr")):
+        mine = [gm for _, gm in runs[(leader, result.shape)]]
+        theirs = [gm for _, gm in runs[(other, result.shape)]]
+        d = [a - b for a, b in zip(mine, theirs)]
+        mean = sum(d) / 3
+        half = stats.t.ppf(0.975, 2) * math.sqrt(sum((v - mean) ** 2 for v in d) / 2 / 3)
+        paired = result.differences[other].interval
+        assert (paired.mean, paired.low, paired.high) == pytest.approx((mean, mean - half, mean + half), abs=1e-12)
+        assert result.intervals[leader]["test_gm_median_10"].mean == pytest.approx(sum(mine) / 3, abs=1e-12)
+    assert uniform.differences == {} and uniform.intervals["acr"]["test_gm_median_10"].n == 0
+
+
 # --- a tiny compare study, killed between its stages ------------------------------------------------
 
 
+# Stage 2 on two unlabeled shapes: each winner and its defaults on each, with each seed.
+ON_SHAPES = {"split": {**TINY["split"], "unlabeled": "consistent", "n_max_u": 40},
+             "compare": {**TINY["compare"], "unlabeled": ["consistent", "reversed"]}}
+
+
 def _launch(tmp_path, *extra, log=None, env=None):
-    argv = [sys.executable, "-m", "study.launch", "--config", _config(tmp_path), "--storage",
+    argv = [sys.executable, "-m", "study.launch", "--config", _config(tmp_path, **ON_SHAPES), "--storage",
             str(tmp_path / "studies"), "--name", "tiny", "--data-root", str(tmp_path / "data"), *extra]
     return subprocess.Popen(argv, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
@@ -175,18 +247,23 @@ def test_a_compare_study_resumes_after_a_kill_between_its_stages_and_reports_the
     assert {p: p.joinpath("result.json").read_text() for p in study.glob("search-*/trial_*")} == searched  # kept
     with open(study / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12
+    assert len(rows) == 2 * (2 + 2 * 2 * 2)
     for method in ("fixmatch", "freematch"):
         mine = [r for r in rows if r["group"] == method]
         assert sorted(r["config"] for r in mine if r["stage"] == "search") == ["defaults", "searched"]
-        confirm = [(r["config"], r["seed"]) for r in mine if r["stage"] == "confirm"]
-        assert sorted(confirm) == [("defaults", "100"), ("defaults", "101"), ("tuned", "100"), ("tuned", "101")]
+        assert {r["unlabeled"] for r in mine if r["stage"] == "search"} == {""}  # the base split's shape
+        confirm = [(r["config"], r["unlabeled"], r["seed"]) for r in mine if r["stage"] == "confirm"]
+        assert sorted(confirm) == [(kind, shape, seed) for kind in ("defaults", "tuned")
+                                   for shape in ("consistent", "reversed") for seed in ("100", "101")]
         tuned = next(r for r in mine if r["stage"] == "confirm" and r["config"] == "tuned")
         for name, value in winners[method]["params"].items():
             assert float(tuned[name]) == pytest.approx(value)
     report = (study / "report.md").read_text()
     assert "## Comparison" in report and "Every method had the same budget: 2 stage-1 trials" in report
     assert (study / "plots" / "comparison_gm.png").stat().st_size > 0
+    shapes = report[report.index("## Across unlabeled shapes"):report.index("## Trials")]
+    assert "| method | consistent | reversed |" in shapes and shapes.count("| leader") == 2  # one per shape
+    assert (study / "plots" / "shapes_gm.png").stat().st_size > 0
     assert "leader (best mean valid_balanced_accuracy_median_10 over the confirmation seeds, tuned): " in out
 
 

@@ -205,6 +205,36 @@ def test_evaluation_predicts_from_the_logits_less_the_white_images_in_eval_mode(
     assert model.training  # left as it was
 
 
+def test_the_training_probe_is_a_train_mode_forward_of_ones_that_leaves_the_running_statistics_alone():
+    from types import SimpleNamespace
+
+    from trainables.config import TrainConfig
+    from trainables.step import _solid_logits
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2, momentum=0.5), \
+                nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = ConvNet().train()
+    model.norm.running_mean.fill_(0.25)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    config = TrainConfig.from_dict({"method": "cdmad", "channels_last": False})
+    like = torch.zeros(5, 1, 2, 2)
+    got = _solid_logits(SimpleNamespace(raw_model=model), config, like)
+    for name, buffer in model.named_buffers():  # the probe is no training step for batch norm
+        assert torch.equal(buffer, before[name]), name
+    with torch.no_grad():  # the reference's model(white): train mode, the image's own batch statistics
+        expected = model(torch.ones(1, 1, 2, 2))
+    assert not torch.equal(model.norm.running_mean, before["norm.running_mean"])  # that forward moves them
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # --- state ---------------------------------------------------------------------------------------
 
 def test_state_round_trip_before_the_start_continues_identically_across_it():
