@@ -127,14 +127,14 @@ def write_synthetic_dataset(root: Path, args) -> tuple[str, str]:
     return info.name, split.name
 
 
-def scaling_run(args, config: TrainConfig, workers: int, storage: Path) -> float:
+def scaling_run(args, config: TrainConfig, workers: int, storage: Path, datasets: dict) -> float:
     """Iterations/s of one Ray Train run over the steps after the warm-up, from the loop's own
     timing of each evaluation interval (an evaluation every `--warmup` steps)."""
     from trainables.ray_train import fit
     from trainables.resources import Resources
 
     result = fit(config, Resources(num_workers=workers, use_gpu=args.device == "cuda"),
-                 storage_path=str(storage),
+                 storage_path=str(storage), datasets=datasets,
                  name=f"workers-{workers}", tensorboard=False, checkpoints_to_keep=None)
     if result.error is not None:
         sys.exit(f"error: the run on {workers} worker(s) failed: {result.error}")
@@ -158,9 +158,13 @@ def scaling_part(args, common: dict, tmp: Path) -> None:
         "eval_every": args.warmup, "eval_batch_size": 100})
     note = f" ({SMOKE_NOTE})" if args.device == "cpu" else ""
     unit = "GPU" if args.device == "cuda" else "CPU worker"
+    # Read and decoded once for both runs, as a study does for its trials (timed steps read memory).
+    from data_prep.loading import ray_datasets
+
+    datasets = {part: data.materialize() for part, data in ray_datasets(dataset, split, str(tmp / "data")).items()}
     baseline = None
     for workers in (1, args.gpus):
-        rate = scaling_run(args, config, workers, tmp / "runs")
+        rate = scaling_run(args, config, workers, tmp / "runs", datasets)
         baseline = baseline or rate
         emit(f"scaling {workers} {unit}(s): {rate:.2f} it/s, {rate / baseline:.2f}x 1 {unit}{note}",
              {**common, "part": "scaling", "workers": workers, "iterations_per_second": rate,

@@ -75,6 +75,10 @@ def print_summary(report, study_dir: str) -> None:
     comparison = report.comparison
     if comparison is not None:
         print(f"\n{compare_lines(report)}")
+    if report.shapes is not None:
+        leaders = ", ".join(f"{result.shape} {report.shapes.methods[result.leader]}" for result in report.shapes.shapes
+                            if result.leader)
+        print(f"leader on each unlabeled shape (best mean {report.shapes.metric}, tuned): {leaders}")
     print(f"\nreport: {join(study_dir, 'report.md')}")
     # TensorBoard reads paths, gs:// and s3:// (with their extras; an S3 endpoint from S3_ENDPOINT).
     logdir = study_dir.removeprefix("file://").split("?")[0]

@@ -265,6 +265,7 @@ def test_a_compare_study_resumes_after_a_kill_between_its_stages_and_reports_the
     assert "| method | consistent | reversed |" in shapes and shapes.count("| leader") == 2  # one per shape
     assert (study / "plots" / "shapes_gm.png").stat().st_size > 0
     assert "leader (best mean valid_balanced_accuracy_median_10 over the confirmation seeds, tuned): " in out
+    assert "leader on each unlabeled shape (best mean valid_balanced_accuracy_median_10, tuned): consistent " in out
 
 
 def test_the_report_of_a_compare_study_stopped_before_some_stage_started_lists_what_ran(tmp_path):

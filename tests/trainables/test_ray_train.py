@@ -57,9 +57,22 @@ def digits_root(tmp_path_factory):
     return root
 
 
+SPLIT = "digits_LT_10.1@50-100"
+
+
+@pytest.fixture(scope="module")
+def decoded(local_ray, digits_root):
+    """The split's Ray datasets, read and decoded once, as a study hands them to its trials: the
+    runs below that test something else than reading Parquet skip reading it again (the first
+    run reads the files, as `fit` does by default)."""
+    from data_prep.loading import ray_datasets
+
+    return {part: data.materialize() for part, data in ray_datasets("digits", SPLIT, str(digits_root)).items()}
+
+
 def digits_config(root, **overrides) -> TrainConfig:
     # With a validation set (100 balanced rows), so rank 0 evaluates two splits.
-    values = dict(dataset="digits", split="digits_LT_10.1@50-100", data_root=str(root), steps=40,
+    values = dict(dataset="digits", split=SPLIT, data_root=str(root), steps=40,
                   eval_every=EVAL_EVERY, batch_size=16, mu=2, cap=True, cai=True, cadr=True)
     return TrainConfig.from_dict({**values, **overrides})
 
@@ -163,11 +176,12 @@ def test_checkpoint_holds_step_p_ema_and_optimizer_state_and_loads_back_exactly(
 
 
 @pytest.fixture(scope="module")
-def one_worker_run(local_ray, digits_root, tmp_path_factory):
+def one_worker_run(local_ray, digits_root, decoded, tmp_path_factory):
     """A 30-step, 1-worker run without TensorBoard (CTAugment on, so its state is checkpointed too)."""
     config = digits_config(digits_root, steps=30, eval_every=10, augment="d.d.cta")
     storage, name = tmp_path_factory.mktemp("one-worker"), unique_name("one")
-    result = fit(config, Resources(num_workers=1), storage_path=storage, name=name, tensorboard=False)
+    result = fit(config, Resources(num_workers=1), storage_path=storage, name=name, tensorboard=False,
+                 datasets=decoded)
     return {"config": config, "result": result, "run_dir": storage / name}
 
 
@@ -251,13 +265,13 @@ def kill_one_worker_after_a_checkpoint(run_dir) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
-def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray, digits_root, tmp_path):
+def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray, digits_root, decoded, tmp_path):
     storage, name, steps = tmp_path / "runs", unique_name("killed"), 200
     run_dir = storage / name
     killed = kill_one_worker_after_a_checkpoint(run_dir)
     try:
         result = fit(digits_config(digits_root, steps=steps), Resources(num_workers=2), storage_path=storage,
-                     name=name, max_failures=2)
+                     name=name, max_failures=2, datasets=decoded)
     finally:
         killed["stop"].set()
     killed["thread"].join()
@@ -278,7 +292,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(local_ray,
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
 def test_a_run_that_failed_continues_under_its_name_at_the_saved_step_with_its_state(local_ray, digits_root,
-                                                                                    tmp_path):
+                                                                                    decoded, tmp_path):
     # A run whose worker dies with no retries left fails; the same command (same config, same
     # name) continues it from the last checkpoint the controller registered, state and all.
     storage, name, steps = tmp_path / "runs", unique_name("failed"), 200
@@ -286,7 +300,7 @@ def test_a_run_that_failed_continues_under_its_name_at_the_saved_step_with_its_s
     killed = kill_one_worker_after_a_checkpoint(run_dir)
     try:
         with pytest.raises(local_ray.train.WorkerGroupError):
-            fit(config, Resources(num_workers=2), storage_path=storage, name=name, max_failures=0)
+            fit(config, Resources(num_workers=2), storage_path=storage, name=name, max_failures=0, datasets=decoded)
     finally:
         killed["stop"].set()
     killed["thread"].join()
@@ -295,7 +309,7 @@ def test_a_run_that_failed_continues_under_its_name_at_the_saved_step_with_its_s
     saved = max(registered_checkpoint_steps(run_dir))
     assert saved < steps
 
-    result = fit(config, Resources(num_workers=2), storage_path=storage, name=name)
+    result = fit(config, Resources(num_workers=2), storage_path=storage, name=name, datasets=decoded)
     assert result.error is None and result.metrics["step"] == steps
     files = event_files(run_dir / "tensorboard")
     assert len(files) == 2  # the failed run's writer, then the continued one's
@@ -340,7 +354,7 @@ def run_cli(*argv, timeout=300) -> subprocess.CompletedProcess:
 def test_a_diverging_run_ends_with_one_line_and_exit_2_without_retries(local_ray, digits_root, tmp_path):
     # While this module's own Ray instance runs: the CLI starts its own instead of failing to
     # choose between them (Ray's own placement-group cleaner may still log that it cannot).
-    done = run_cli("--dataset", "digits", "--split", "digits_LT_10.1@50-100", "--data-root", digits_root,
+    done = run_cli("--dataset", "digits", "--split", SPLIT, "--data-root", digits_root,
                    "--lr", "1e6", "--cap", "--cai", "--cadr", "--steps", "40", "--eval-every", "20",
                    "--batch-size", "16", "--mu", "2", "--storage", tmp_path, "--name", "diverging")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -365,7 +379,7 @@ def test_a_checkpoint_that_holds_more_than_tensors_is_refused_naming_the_file(lo
             return (os.system, (f"touch {tmp_path / 'owned'}",))
 
     torch.save({"step": RunsCode()}, checkpoint)  # what an attacker with write access could plant
-    done = run_cli("--dataset", "digits", "--split", "digits_LT_10.1@50-100", "--data-root", digits_root,
+    done = run_cli("--dataset", "digits", "--split", SPLIT, "--data-root", digits_root,
                    "--steps", "30", "--eval-every", "10", "--augment", "d.d.cta", "--batch-size", "16", "--mu", "2",
                    "--cap", "--cai", "--cadr", "--storage", tmp_path, "--name", "refused",  # the run's own config
                    "--address", local_ray.get_runtime_context().gcs_address)  # this module's Ray, as a cluster
