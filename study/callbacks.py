@@ -1,5 +1,6 @@
-"""The study's own Tune callbacks: checkpoints deleted only once no resume can need them, and a
-whole record of each trial the moment it ends (file names: study/tune_files.py)."""
+"""The study's own Tune callbacks: a search that agrees with the trial list, checkpoints deleted
+only once no resume can need them, and a whole record of each trial the moment it ends (file
+names: study/tune_files.py)."""
 
 import json
 import posixpath
@@ -11,6 +12,22 @@ from study.storage import ERRORS, write_whole
 from study.tune_files import FINISHED, checkpoint_names, saved_checkpoints
 
 CHECKPOINTS_TO_KEEP = 2  # per in-trial run, and any a resume may still need (KeepResumableCheckpoints)
+
+
+class ReconcileSearch(tune.Callback):
+    """Before each step of Tune's controller, the study's search agrees with the trial list
+    (study/searcher.py, `reconcile_search`): after a resume whose search state is older than the
+    trials, nothing waits on a trial that ended and nothing runs twice. It holds the Tuner's own
+    search object: both are pickled together in the Tuner's state, so a restored Tuner's callback
+    holds the restored search."""
+
+    def __init__(self, search_alg):
+        self.search_alg = search_alg
+
+    def on_step_begin(self, iteration, trials, **info):
+        from study.searcher import reconcile_search
+
+        reconcile_search(self.search_alg, trials)
 
 
 class KeepResumableCheckpoints(tune.Callback):

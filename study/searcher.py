@@ -1,16 +1,57 @@
 """How a study chooses its trials: Optuna (TPE or random sampling) behind the fixed points, or a
 grid, and the scheduler that stops the weak ones early, all on the study's one metric."""
 
+import json
 import os
 import pickle
 
-from ray.tune.search import Searcher
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
 from search_spaces.spaces import to_optuna, to_tune
 from study.config import StudyConfig
 from study.errors import StudyError
 from study.tune_files import FIXED, GRID, SEARCH
 from trainables.loop import FATAL_ERROR
+
+# A resumed experiment's search state can be older than its trial list: Tune saves the two one
+# after the other and uploads them as files, so a driver killed in between (or storage that kept
+# one upload and not the other) leaves a search that still counts ended trials as running (with
+# max_concurrent reached, it never suggests again: the resume waits forever) and that would run
+# again points its trials already ran. The trial list is what ran; `reconcile_search`, called by
+# the ReconcileSearch callback (study/callbacks.py) at every step of the controller, makes the
+# search agree with it.
+
+
+def trial_key(config: dict) -> str:
+    """A trial's whole config as one string: two trials with the same key run the same point."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def reconcile_search(search_alg, trials) -> None:
+    """Make the study's search (a Grid, or a ConcurrencyLimiter over FixedPointsFirst) agree with
+    Tune's trial list: a trial counts as running only while Tune runs it, and what ran is not
+    suggested again."""
+    running = {trial.trial_id for trial in trials if not trial.is_finished()}
+    if isinstance(search_alg, ConcurrencyLimiter):
+        search_alg.live_trials &= running
+        search_alg.num_unfinished_live_trials = len(search_alg.live_trials)
+        search_alg = search_alg.searcher
+    search_alg.reconcile(trials, running)
+
+
+class Grid(BasicVariantGenerator):
+    """Tune's grid generator (every value of the grid spaces), reconciled with the trial list."""
+
+    def reconcile(self, trials, running: set) -> None:
+        self._live_trials &= running
+        self.existing = {trial_key(trial.config) for trial in trials}
+
+    def next_trial(self):
+        while True:
+            trial = super().next_trial()
+            if trial is None or trial_key(trial.config) not in getattr(self, "existing", ()):
+                return trial
+            self._live_trials.discard(trial.trial_id)  # a point that ran before the resume
 
 
 class NothingToSearch(Searcher):
@@ -45,9 +86,11 @@ class FixedPointsFirst(Searcher):
     failure that would recur ended (its result holds `fatal_error`) as failed; Optuna keeps them so
     (PRUNED, FAIL), and optuna-dashboard shows the study's story."""
 
-    def __init__(self, searcher, fixed_points, metric, mode, start_labels=(), steps=None, constants=None):
+    def __init__(self, searcher, fixed_points, metric, mode, start_labels=(), steps=None, constants=None,
+                 total=None):
         super().__init__(metric=metric, mode=mode)
         self.searcher, self.pending = searcher, list(fixed_points)
+        self.total, self.known = total, 0  # the trials planned, and how many Tune has (`reconcile`)
         self.start_labels = list(start_labels)  # the labels of the inner searcher's first suggestions
         self.constants = dict(constants or {})
         self.fixed_trials = set()
@@ -58,14 +101,28 @@ class FixedPointsFirst(Searcher):
         return self.searcher.set_search_properties(metric, mode, config, **spec)
 
     def suggest(self, trial_id):
+        if self.total is not None and self.known >= self.total:
+            return Searcher.FINISHED
         if self.pending:
             self.fixed_trials.add(trial_id)
-            return {"label": FIXED, **self.constants, **self.pending.pop(0)}
+            self.known += 1
+            return self._fixed(self.pending.pop(0))
         suggestion = self.searcher.suggest(trial_id)
         if not isinstance(suggestion, dict):
             return suggestion
+        self.known += 1
         self.planned[trial_id] = suggestion.get("steps", self.steps)
         return {"label": self.start_labels.pop(0) if self.start_labels else SEARCH, **self.constants, **suggestion}
+
+    def _fixed(self, point: dict) -> dict:
+        return {"label": FIXED, **self.constants, **point}
+
+    def reconcile(self, trials, running: set) -> None:
+        """Fixed points among Tune's trials are not suggested again, and the search ends once Tune
+        has the trials planned (a resumed search state may be behind the trial list)."""
+        existing = {trial_key(trial.config) for trial in trials}
+        self.pending = [point for point in self.pending if trial_key(self._fixed(point)) not in existing]
+        self.known = len(trials)
 
     def on_trial_result(self, trial_id, result):
         if trial_id not in self.fixed_trials:
@@ -88,7 +145,8 @@ class FixedPointsFirst(Searcher):
     # Tune saves the inner searcher itself; a wrapper keeps only its own state.
     def get_state(self):
         return {"pending": self.pending, "fixed_trials": self.fixed_trials, "start_labels": self.start_labels,
-                "steps": self.steps, "planned": self.planned, "constants": self.constants}
+                "steps": self.steps, "planned": self.planned, "constants": self.constants, "total": self.total,
+                "known": self.known}
 
     def set_state(self, state):
         self.__dict__.update(state)
@@ -96,7 +154,8 @@ class FixedPointsFirst(Searcher):
     def __setstate__(self, state):
         # A study started by an earlier version of this tool pickled a searcher without the
         # attributes added since; its resume gets their "not known" values.
-        self.__dict__.update({"start_labels": [], "constants": {}, "steps": None, "planned": {}, **state})
+        self.__dict__.update({"start_labels": [], "constants": {}, "steps": None, "planned": {}, "total": None,
+                              "known": 0, **state})
 
 
 def optuna_storage(config: StudyConfig, study_dir: str) -> str | None:
@@ -109,15 +168,16 @@ def optuna_storage(config: StudyConfig, study_dir: str) -> str | None:
 
 
 def build_searcher(config: StudyConfig, space: dict, study_dir: str, experiment: str | None = None,
-                   constants: dict | None = None):
+                   constants: dict | None = None, total: int | None = None):
     """The search algorithm and Tune's param_space: a grid, or the fixed points first, then Optuna
-    over the space (none where the space is empty: the fixed points are the whole search)."""
+    over the space (none where the space is empty: the fixed points are the whole search), `total`
+    trials in all; either runs at most search.max_concurrent trials at once."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     search = config.search
     if search.algorithm == "grid":
-        return None, {**to_tune(space), "label": GRID, **(constants or {})}
+        return Grid(max_concurrent=search.max_concurrent), {**to_tune(space), "label": GRID, **(constants or {})}
     inner = NothingToSearch(metric=config.metric, mode=config.mode)
     if space:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line is noise here
@@ -130,7 +190,9 @@ def build_searcher(config: StudyConfig, space: dict, study_dir: str, experiment:
                              study_name=config.name + (f"-{experiment}" if experiment else ""))
     fixed = [{"label": p.get("label", FIXED), **p} for p in search.fixed_points]
     start_labels = [point.get("label", SEARCH) for point in search.points_to_evaluate]
-    return FixedPointsFirst(inner, fixed, config.metric, config.mode, start_labels, config.train.steps, constants), {}
+    searcher = FixedPointsFirst(inner, fixed, config.metric, config.mode, start_labels, config.train.steps, constants,
+                                total)
+    return ConcurrencyLimiter(searcher, search.max_concurrent), {}
 
 
 def _optuna_database(url: str | None):

@@ -5,7 +5,7 @@ import pickle
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from study.callbacks import CHECKPOINTS_TO_KEEP, KeepResumableCheckpoints, RecordEndedTrials
+from study.callbacks import CHECKPOINTS_TO_KEEP, KeepResumableCheckpoints, ReconcileSearch, RecordEndedTrials
 from study.checks import planned_trials
 from study.config import StudyConfig
 from study.errors import StudyError
@@ -21,13 +21,14 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     """A Tuner for the study (new), ready to fit. datasets: decode_once's, for TorchTrainer trials.
     A compare study runs several: each `experiment` is a Tune experiment of its own in the study
     directory, its trials sharing `constants` (their stage and method), `trials` in all."""
-    searcher, param_space = build_searcher(config, space, study_dir, experiment, constants)
+    grid = config.search.algorithm == "grid"
+    num_samples = 1 if grid else trials or planned_trials(config, space)  # a grid's repeats are its seeds
+    searcher, param_space = build_searcher(config, space, study_dir, experiment, constants, num_samples)
     trainable = build_trainable(config, study_dir, cluster_cpus, datasets)
-    num_samples = 1 if searcher is None else trials or planned_trials(config, space)  # a grid's repeats: seeds
     tune_config = tune.TuneConfig(
         metric=config.metric, mode=config.mode, search_alg=searcher,  # the scheduler prunes on it too
-        scheduler=build_scheduler(config), num_samples=num_samples,
-        max_concurrent_trials=config.search.max_concurrent, trial_dirname_creator=trial_dirname,
+        scheduler=build_scheduler(config), num_samples=num_samples,  # the searcher limits the concurrency
+        trial_dirname_creator=trial_dirname,
         reuse_actors=config.resources.in_trial(),  # keeps the decoded dataset between trials
     )
     # In-trial runs restart from the trial's last checkpoint; TorchTrainer runs restart inside Train.
@@ -39,8 +40,8 @@ def build_tuner(config: StudyConfig, space: dict, study_dir: str, cluster_cpus: 
     # Tune keeps every checkpoint (num_to_keep=None): KeepResumableCheckpoints deletes the old ones.
     run_config = tune.RunConfig(name=name, storage_path=storage, failure_config=failures, verbose=0,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                                callbacks=[KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP),
-                                           RecordEndedTrials(), *loggers])
+                                callbacks=[ReconcileSearch(searcher), RecordEndedTrials(),
+                                           KeepResumableCheckpoints(keep=CHECKPOINTS_TO_KEEP), *loggers])
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 

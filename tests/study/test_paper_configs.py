@@ -1,7 +1,10 @@
-"""Every paper config (examples/paper/*.yaml) runs through the real launcher, for 2 steps on CPU,
-on a tiny synthetic dataset written in its publisher's format and converted by `python -m
-data_prep convert`. The command line changes only how long and how big a run is, where it lives
-and what it runs on: the method, split, model and every other setting are the file's own."""
+"""Every paper config (examples/paper/*.yaml) goes through the real launcher on a tiny synthetic
+dataset written in its publisher's format and converted by `python -m data_prep convert`. Configs
+that differ only in their split (cifar100 at three imbalance ratios, say) train the same code on
+other sizes: the first of each such group runs, for 2 steps on CPU, and the others are checked
+and have their splits cut by the launcher's dry run. The command line changes only how long and
+how big a run is, where it lives and what it runs on: the method, split, model and every other
+setting are the file's own."""
 
 import csv
 import json
@@ -24,6 +27,17 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "data_prep"))  # the d
 from raw_sources import make_cifar10, make_cifar100, make_miniimagenet_pickle, make_stl10  # noqa: E402
 
 PAPER_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "examples" / "paper").glob("*.yaml"))
+
+
+def _training(path) -> str:
+    """What a config's trials train, its name and split aside."""
+    values = load(str(path)).to_dict()
+    return json.dumps({k: v for k, v in values.items() if k not in ("name", "split")}, sort_keys=True, default=str)
+
+
+# The first config of each group that trains alike runs; the others are dry runs.
+RUN = sorted({_training(path): path for path in reversed(PAPER_CONFIGS)}.values())
+CHECKED = [path for path in PAPER_CONFIGS if path not in RUN]
 STEPS = 2
 # Sizes and resources, the only settings the runs below change (besides storage and data root).
 # One trial at a time: a study's next trial reuses the trial process, as in_trial studies do.
@@ -125,7 +139,8 @@ def launches(data_root, ray_address, tmp_path_factory):
 
     def launch(path):
         argv = [sys.executable, "-m", "study.launch", "--config", str(path), "--storage", str(storage),
-                "--data-root", str(data_root), "--address", ray_address, *OVERRIDES]
+                "--data-root", str(data_root), "--address", ray_address, *OVERRIDES,
+                *([] if path in RUN else ["--dry-run"])]
         try:
             run = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
             code, out = run.returncode, run.stdout
@@ -146,12 +161,28 @@ def launches(data_root, ray_address, tmp_path_factory):
         return dict(pool.map(launch, order))
 
 
-def test_the_paper_configs_are_found():
+def test_the_paper_configs_are_found_and_each_group_that_trains_alike_runs_one():
     assert PAPER_CONFIGS, "no examples/paper/*.yaml"
+    assert {_training(path) for path in RUN} == {_training(path) for path in PAPER_CONFIGS}
+    assert [path.stem for path in RUN] == ["cifar100_lt_100", "cifar100_lt_100_cadr", "cifar10_lt_100",
+                                           "miniimagenet_lt_100", "stl10_lt_100"]
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.stem)
+def test_a_paper_config_like_one_that_runs_is_checked_and_its_split_cut(path, launches, data_root):
+    code, out, study = launches[path]
+    assert code == 0, out[-4000:]
+    config = load(str(path))
+    split = config.split_spec().default_name(config.dataset)
+    assert (f"split {split}: cut now" in out or f"split {split}: found" in out), out[-4000:]  # _cadr shares it
+    assert (data_root / config.dataset / "splits" / f"{split}.json").is_file()
+    assert f"trials: {planned_trials(*checked(config))} " in out
+    assert out.rstrip().endswith("dry run: nothing was trained") and not (study / "study.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("path", RUN, ids=lambda p: p.stem)
 def test_a_paper_config_runs_through_the_launcher_and_reports_every_trial(path, launches):
     code, out, study = launches[path]
     assert code == 0, out[-4000:]

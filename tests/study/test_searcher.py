@@ -61,10 +61,75 @@ def test_a_searcher_pickled_before_its_newer_attributes_existed_resumes_with_the
     searcher = FixedPointsFirst(NothingToSearch(metric="m", mode="max"), [{"lr": 0.1}], "m", "max",
                                 steps=100, constants={"stage": "search"})
     old = pickle.loads(pickle.dumps(searcher))
-    for name in ("start_labels", "constants", "steps", "planned"):  # what an earlier version lacked
+    for name in ("start_labels", "constants", "steps", "planned", "total", "known"):  # what earlier versions lacked
         del old.__dict__[name]
     resumed = pickle.loads(pickle.dumps(old))
     assert resumed.get_state() == {"pending": [{"lr": 0.1}], "fixed_trials": set(), "start_labels": [],
-                                   "steps": None, "planned": {}, "constants": {}}
+                                   "steps": None, "planned": {}, "constants": {}, "total": None, "known": 0}
     assert resumed.suggest("t1") == {"label": "fixed", "lr": 0.1}
     assert resumed.suggest("t2") == FixedPointsFirst.FINISHED
+
+
+# --- a resumed search whose saved state is older than the trial list -------------------------------
+
+class Ran:
+    """What the search reads of one of Tune's trials."""
+
+    def __init__(self, trial_id, config, finished=True):
+        self.trial_id, self.config, self.finished = trial_id, config, finished
+
+    def is_finished(self):
+        return self.finished
+
+
+def test_a_grid_resumed_from_a_state_older_than_its_trials_neither_waits_nor_runs_a_point_again():
+    from ray import cloudpickle, tune
+
+    from study.searcher import Grid, reconcile_search
+
+    grid = Grid(max_concurrent=1)
+    grid.add_configurations([tune.Experiment("grid", lambda config: None,
+                                             config={"seed": tune.grid_search([0, 1, 2]), "label": "grid"})])
+    first = grid.next_trial()
+    assert first.config == {"seed": 0, "label": "grid"} and grid.next_trial() is None  # one at a time
+    saved = cloudpickle.dumps(grid.get_state())  # as Tune saves it, just before the driver was killed
+    ran = [Ran(first.trial_id, first.config), Ran("b", {"seed": 1, "label": "grid"}),
+           Ran("c", {"seed": 2, "label": "grid"}, finished=False)]  # all three in the newer trial list
+
+    resumed = Grid(max_concurrent=1)
+    resumed.set_state(cloudpickle.loads(saved))
+    assert resumed.next_trial() is None and not resumed.is_finished()  # Tune's own: waits on the first forever
+    resumed = Grid(max_concurrent=1)
+    resumed.set_state(cloudpickle.loads(saved))
+    reconcile_search(resumed, ran)
+    assert resumed.next_trial() is None and resumed.is_finished()  # seeds 1 and 2 ran, or run: nothing again
+
+
+def test_fixed_points_resumed_from_a_state_older_than_the_trials_are_not_run_again_and_the_total_holds():
+    import pickle
+
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    from study.searcher import FixedPointsFirst, reconcile_search
+
+    class Samples(Searcher):
+        def suggest(self, trial_id):
+            return {"lr": 0.05}
+
+    def search():
+        return ConcurrencyLimiter(FixedPointsFirst(Samples(metric="m", mode="max"), [{"lr": 0.1}, {"lr": 0.2}], "m",
+                                                   "max", total=3), max_concurrent=1)
+
+    limiter = search()
+    assert limiter.suggest("t1") == {"label": "fixed", "lr": 0.1} and limiter.suggest("t2") is None
+    saved = pickle.dumps((limiter.get_state(), limiter.searcher.get_state()))
+    ran = [Ran("t1", {"label": "fixed", "lr": 0.1}), Ran("t2", {"label": "fixed", "lr": 0.2}),
+           Ran("t3", {"label": "search", "lr": 0.05}, finished=False)]
+
+    resumed = search()
+    state, inner = pickle.loads(saved)
+    resumed.set_state(state)
+    resumed.searcher.set_state(inner)
+    reconcile_search(resumed, ran)
+    assert resumed.live_trials == set() and resumed.searcher.pending == []
+    assert resumed.suggest("t4") == Searcher.FINISHED  # three trials planned, three in Tune's list
